@@ -1,0 +1,3 @@
+from llava_train.cli import main
+
+main()

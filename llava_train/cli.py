@@ -1,0 +1,58 @@
+"""`llava <subcommand> [hydra overrides]`: dispatch to one Hydra app per subcommand.
+
+Each subcommand composes `configs/<subcommand>.yaml` over its typed schema, so `key=value`
+overrides, `-m/--multirun`, `--cfg job` and `--help` work everywhere. `python -m llava_train` is the
+same entry point (for torchrun / deepspeed launchers).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from llava_train.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "configs")
+
+OmegaConf.register_new_resolver("llava_root", lambda: str(ROOT), replace=True)
+register_configs()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def train(cfg: DictConfig) -> None:
+    from llava_train.train.recipe import run
+
+    run(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
+
+
+COMMANDS = {
+    "train": (train, "train a LlavaNext model (LoRA / full) and evaluate it"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: llava <command> [key=value ...] [--cfg job] [-m] [--help]", "", "commands:"]
+    lines += [f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    sys.argv = [f"llava {name}", *argv[1:]]
+    COMMANDS[name][0]()
+
+
+if __name__ == "__main__":
+    main()

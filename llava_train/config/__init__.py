@@ -1,0 +1,25 @@
+from llava_train.config.schema import (
+    DataConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    PeftConfig,
+    TinyModelConfig,
+    TrainerConfig,
+    TrainJobConfig,
+    register_configs,
+)
+
+__all__ = [
+    "DataConfig",
+    "DeepSpeedConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PeftConfig",
+    "TinyModelConfig",
+    "TrainerConfig",
+    "TrainJobConfig",
+    "register_configs",
+]

@@ -1,0 +1,99 @@
+"""Generation eval: batched greedy decoding with left padding, exact-match accuracy."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from llava_train.constants import IMAGE_SIZES, INPUT_IDS, PIXEL_VALUES
+from llava_train.data.collate import Collator
+from llava_train.data.dataset import ConversationDataset
+from llava_train.data.images import load_rgb
+
+
+def normalise(text: str) -> str:
+    """Lower case, no surrounding punctuation or articles, single spaces."""
+    text = text.lower().strip()
+    text = re.sub(r"[^\w\s]", " ", text)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+@dataclass
+class Prediction:
+    id: str
+    question: str
+    reference: str
+    prediction: str
+    question_type: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return normalise(self.prediction) == normalise(self.reference)
+
+    @property
+    def contains(self) -> bool:
+        ref = normalise(self.reference)
+        return bool(ref) and ref in normalise(self.prediction)
+
+
+def _prompt_item(ds: ConversationDataset, i: int) -> dict[str, Any]:
+    conv, sizes = ds.items[i]
+    ids = ds.encoder.encode_prompt(conv, conv.turns[:-1], sizes)
+    item: dict[str, Any] = {INPUT_IDS: torch.tensor(ids, dtype=torch.long)}
+    if conv.images:
+        images = [load_rgb(ref, ds.image_root, conv, k) for k, ref in enumerate(conv.images)]
+        out = ds.image_processor(images=images, do_pad=False)
+        item[PIXEL_VALUES] = [torch.as_tensor(p) for p in out["pixel_values"]]
+        item[IMAGE_SIZES] = [list(s) for s in sizes]
+    return item
+
+
+@torch.no_grad()
+def generate_predictions(model, ds: ConversationDataset, tokenizer, *, batch_size: int = 16,
+                         max_new_tokens: int = 16, indices: Iterable[int] | None = None) -> list[Prediction]:
+    """Greedy predictions for the last assistant turn of each sample, in batches (left padded)."""
+    collate = Collator(pad_token_id=tokenizer.pad_token_id, padding_side="left")
+    order = list(range(len(ds))) if indices is None else list(indices)
+    device = next(p for p in model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    was_training = model.training
+    model.eval()
+    preds: list[Prediction] = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        batch = collate([_prompt_item(ds, i) for i in chunk])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if PIXEL_VALUES in batch:
+            batch[PIXEL_VALUES] = batch[PIXEL_VALUES].to(dtype)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = out[:, batch[INPUT_IDS].shape[1]:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for i, text in zip(chunk, texts):
+            conv = ds.conversation(i)
+            question = conv.turns[-2].text.replace("<image>", "").strip()
+            preds.append(Prediction(id=conv.id, question=question, reference=conv.turns[-1].text,
+                                    prediction=text.strip(), question_type=ds.question_type(i)))
+    if was_training:
+        model.train()
+    return preds
+
+
+def metrics(preds: list[Prediction]) -> dict[str, Any]:
+    n = len(preds)
+    out: dict[str, Any] = {
+        "count": n,
+        "exact_match": sum(p.exact for p in preds) / n if n else 0.0,
+        "contains_match": sum(p.contains for p in preds) / n if n else 0.0,
+    }
+    types = sorted({p.question_type for p in preds if p.question_type})
+    if types:
+        out["per_question_type"] = {
+            t: sum(p.exact for p in preds if p.question_type == t) / sum(p.question_type == t for p in preds)
+            for t in types
+        }
+    return out

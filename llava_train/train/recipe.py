@@ -1,0 +1,182 @@
+"""`llava train`: validate -> build data -> build model -> train -> save -> evaluate.
+
+One readable recipe; each step is a small function that takes its config slice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainJobConfig
+from llava_train.data.collate import Collator
+from llava_train.data.dataset import ConversationDataset, Encoder
+from llava_train.data.images import ImageGeometry
+from llava_train.data.templates import get_family
+from llava_train.evaluate.generate import generate_predictions, metrics
+from llava_train.model.adapt import apply_peft, param_groups, trainable_summary
+from llava_train.model.load import load_model, load_processor, resolve_checkpoint
+from llava_train.train.loss import sparse_lm_loss
+from llava_train.train.validate import check_train
+
+log = logging.getLogger(__name__)
+
+FINAL = "final"
+
+
+def run(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
+    """Train, save `<output_dir>/final`, evaluate; returns the metrics also written to metrics.json."""
+    check_train(cfg)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    checkpoint = resolve_checkpoint(cfg.model)
+    print(f"base checkpoint: {checkpoint}", flush=True)
+    processor = load_processor(checkpoint)
+    train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
+
+    model = build_model(cfg.model, cfg.peft, checkpoint)
+    trainer, losses = build_trainer(cfg, model, train_ds, processor, out)
+    start = time.time()
+    trainer.train()
+    train_seconds = time.time() - start
+
+    final = out / FINAL
+    trainer.save_model(str(final))
+    processor.save_pretrained(str(final))
+
+    results: dict[str, Any] = {
+        "train_loss": losses[-1][1] if losses else None,
+        "first_train_loss": losses[0][1] if losses else None,
+        "loss_history": losses,
+        "train_seconds": round(train_seconds, 1),
+        "train_samples": len(train_ds),
+        "skipped_train_samples": dict(train_ds.skipped.counts),
+        "base_checkpoint": checkpoint,
+    }
+    if eval_ds is not None and cfg.eval.enabled:
+        results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out))
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
+    encoder = Encoder(processor.tokenizer, get_family(model_cfg.family), ImageGeometry.from_processor(processor),
+                      max_length=cfg.max_length, overflow=cfg.overflow)
+    train = ConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
+    print(f"train: {len(train)} samples from {cfg.train_path} ({train.skipped.summary()})", flush=True)
+    evals = None
+    if cfg.eval_path:
+        evals = ConversationDataset(cfg.eval_path, cfg, encoder, processor.image_processor)
+        print(f"eval: {len(evals)} samples from {cfg.eval_path} ({evals.skipped.summary()})", flush=True)
+    return train, evals
+
+
+def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str):
+    model = load_model(model_cfg, checkpoint)
+    model = apply_peft(model, peft_cfg, model_cfg)
+    print("trainable parameters:", flush=True)
+    for group, (trainable, total) in trainable_summary(model).items():
+        print(f"  {group:<15} {trainable:>12,} / {total:>12,}", flush=True)
+    return model
+
+
+class LlavaTrainer(Trainer):
+    """HF Trainer, customised only through public hooks: per-module learning rates
+    (`create_optimizer`) and a loss that projects only trained positions onto the vocabulary
+    (`compute_loss`, already normalised over the accumulated batch: `loss_is_scaled_for_ga`)."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, optim_cfg, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optim_cfg = optim_cfg
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            kwargs.pop("lr", None)
+            self.optimizer = cls(param_groups(opt_model, self.optim_cfg), **kwargs)
+        return self.optimizer
+
+
+class LossRecorder(TrainerCallback):
+    def __init__(self):
+        self.losses: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+
+def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
+    t, o = cfg.trainer, cfg.optim
+    return TrainingArguments(
+        output_dir=str(out),
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        lr_scheduler_type=o.scheduler,
+        warmup_steps=o.warmup_ratio,
+        max_grad_norm=o.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        activation_checkpointing=t.gradient_checkpointing,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        disable_tqdm=t.disable_tqdm,
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        bf16=cfg.model.dtype == "bf16",
+        fp16=cfg.model.dtype == "fp16",
+    )
+
+
+def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path):
+    recorder = LossRecorder()
+    trainer = LlavaTrainer(
+        model=model,
+        args=training_arguments(cfg, out),
+        train_dataset=train_ds,
+        data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
+        callbacks=[recorder],
+        optim_cfg=cfg.optim,
+    )
+    return trainer, recorder.losses
+
+
+def evaluate(model, eval_ds, tokenizer, cfg: TrainJobConfig, out: Optional[Path]) -> dict[str, Any]:
+    preds = generate_predictions(model, eval_ds, tokenizer, batch_size=cfg.eval.batch_size,
+                                 max_new_tokens=cfg.eval.max_new_tokens)
+    m = metrics(preds)
+    if out is not None:
+        with open(out / "predictions.jsonl", "w") as f:
+            for p in preds:
+                f.write(json.dumps({"id": p.id, "question": p.question, "reference": p.reference,
+                                    "prediction": p.prediction}) + "\n")
+    print(f"eval accuracy (exact match): {m['exact_match']:.1%} on {m['count']} samples", flush=True)
+    for p in preds[: cfg.eval.show_samples]:
+        mark = "ok " if p.exact else "BAD"
+        print(f"  [{mark}] {p.question!r} -> {p.prediction!r} (reference {p.reference!r})", flush=True)
+    return {"eval_accuracy": m["exact_match"], "eval_contains_accuracy": m["contains_match"],
+            "eval_count": m["count"]}
