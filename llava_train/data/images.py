@@ -10,7 +10,6 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from PIL import Image
 
@@ -136,5 +135,3 @@ def load_rgb(ref: ImageRef, image_root: Path, conv: Conversation, position: int)
         raise conv.error("image over the decompression bomb limit", field=f"image[{position}]",
                          kind="image_too_large")
     return img.convert("RGB") if img.mode != "RGB" else img
-
-ImageLike = Union[ImageRef, Image.Image]
