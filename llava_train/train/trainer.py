@@ -1,0 +1,43 @@
+"""HF Trainer, customised only through its public hooks, plus the callbacks a run uses."""
+
+from __future__ import annotations
+
+from transformers import Trainer, TrainerCallback
+
+from llava_train.model.adapt import param_groups
+from llava_train.train.loss import sparse_lm_loss
+
+
+class LlavaTrainer(Trainer):
+    """HF Trainer, customised only through public hooks: per-module learning rates
+    (`create_optimizer`) and a loss that projects only trained positions onto the vocabulary
+    (`compute_loss`, already normalised over the accumulated batch: `loss_is_scaled_for_ga`)."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, optim_cfg, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optim_cfg = optim_cfg
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            kwargs.pop("lr", None)
+            self.optimizer = cls(param_groups(opt_model, self.optim_cfg), **kwargs)
+        return self.optimizer
+
+
+class LossRecorder(TrainerCallback):
+    def __init__(self):
+        self.losses: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
