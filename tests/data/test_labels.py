@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from conftest import DEMO
 from PIL import Image
 
+from conftest import DEMO
 from llava_train.config import DataConfig
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.dataset import ConversationDataset

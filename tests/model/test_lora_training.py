@@ -1,8 +1,8 @@
 """LoRA training changes exactly the LoRA weights and the fully trained modules; nothing else moves."""
 
 import torch
-from conftest import DEMO
 
+from conftest import DEMO
 from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainJobConfig
 from llava_train.train.recipe import build_datasets, build_model, build_trainer
 
