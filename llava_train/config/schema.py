@@ -50,20 +50,47 @@ class ModelConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One entry of `data.sources` (several sources mixed with weights)."""
+
+    # A .json/.jsonl/.parquet/.arrow/.csv file, a `save_to_disk` folder, or a hub dataset id.
+    path: str = MISSING
+    # Epoch multiplier: 2.0 repeats the source twice per epoch, 0.5 keeps a seeded half of it.
+    weight: float = 1.0
+    # auto | llava | messages. Empty: data.format.
+    format: str = ""
+    # Folder relative image paths of this source resolve against. Empty: data.image_root.
+    image_root: str = ""
+    split: str = "train"  # split of a saved DatasetDict or a hub dataset
+    name: Optional[str] = None  # hub dataset configuration name
+
+
+@dataclass
 class DataConfig:
     """Training and evaluation data."""
 
-    train_path: str = MISSING
+    # A .json/.jsonl/.parquet/.arrow/.csv file, a `save_to_disk` folder or a hub id; may stay empty
+    # when `sources` is set.
+    train_path: str = ""
     eval_path: Optional[str] = None
     # Folder that relative image paths resolve against. Empty: the data file's own folder.
     image_root: str = ""
     max_length: int = 2048
-    # What to do with a sample whose first turn does not fit max_length: skip | error.
-    overflow: str = "skip"
+    # A sample longer than max_length: drop_turns (drop whole trailing turns; skip, counted, when even
+    # the first turn does not fit) | skip (skip it whole, counted) | error (raise, naming it).
+    overflow: str = "drop_turns"
     # What to do with a bad sample (missing image, bad conversation...): error | skip.
     on_error: str = "error"
     num_workers: int = 0
     max_eval_samples: Optional[int] = None
+    # Input format: auto (detected per row) | llava (conversations/from/value) | messages (role/content).
+    format: str = "auto"
+    # Train only the last assistant reply of each sample (earlier replies become context, label -100).
+    train_last_turn_only: bool = False
+    # Several training sources mixed with weights; when set, they replace train_path.
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    # Seed of the subsampling that fractional source weights do.
+    mix_seed: int = 0
 
 
 @dataclass
