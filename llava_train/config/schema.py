@@ -174,7 +174,52 @@ class TrainJobConfig:
     seed: int = 42
 
 
+@dataclass
+class PreviewConfig:
+    """`llava preview`: how many samples to render and where to write them."""
+
+    num_samples: int = 3
+    start: int = 0  # index of the first sample shown
+    split: str = "train"  # train | eval
+    # Also write one JSON object per sample (id, input_ids, labels, image_sizes, num_image_tokens).
+    output: str = ""
+    color: str = "auto"  # auto (colour on a TTY) | always | never ([[...]] around trained spans)
+
+
+@dataclass
+class PreviewJobConfig:
+    """`llava preview`: render samples exactly as they will be trained on."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+
+
+@dataclass
+class DoctorConfig:
+    """`llava doctor`: validate a whole dataset from image headers, in parallel."""
+
+    workers: int = 0  # processes; 0: all CPU cores
+    include_eval: bool = True  # also check data.eval_path
+    show_ids: int = 5  # sample ids listed per error kind
+    bins: int = 10  # histogram bins
+    # Where the histogram PNG goes. Empty: doctor.png in Hydra's run folder.
+    plot: str = ""
+    progress: bool = True  # progress bar (large sets)
+
+
+@dataclass
+class DoctorJobConfig:
+    """`llava doctor`: dataset validation and statistics; exits non-zero when a sample is bad."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
+
+
 def register_configs() -> None:
     """Register each subcommand's job schema in Hydra's ConfigStore (its YAML lists it first)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
+    cs.store(name="preview_schema", node=PreviewJobConfig)
+    cs.store(name="doctor_schema", node=DoctorJobConfig)

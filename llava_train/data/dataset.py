@@ -191,13 +191,16 @@ class SkipReport:
     keep: int = 3
 
     def add(self, err: DataError) -> None:
-        self.counts[err.kind] += 1
-        self.examples.setdefault(err.kind, [])
-        self.ids.setdefault(err.kind, [])
-        if len(self.examples[err.kind]) < self.keep:
-            self.examples[err.kind].append(str(err))
-            where = err.sample_id if err.sample_id is not None else (f"#{err.index}" if err.index is not None else "?")
-            self.ids[err.kind].append(str(where))
+        where = err.sample_id if err.sample_id is not None else (f"#{err.index}" if err.index is not None else "?")
+        self.record(err.kind, str(where), str(err))
+
+    def record(self, kind: str, sample_id: str, message: str) -> None:
+        self.counts[kind] += 1
+        self.examples.setdefault(kind, [])
+        self.ids.setdefault(kind, [])
+        if len(self.examples[kind]) < self.keep:
+            self.examples[kind].append(message)
+            self.ids[kind].append(sample_id)
 
     def merge(self, other: "SkipReport") -> None:
         for kind, n in other.counts.items():
