@@ -205,8 +205,9 @@ def plot(reports: list[Report], path: Path, bins: int) -> None:
     plt.close(fig)
 
 
-def doctor(cfg: DoctorJobConfig, output_dir: str, out: TextIO = sys.stdout) -> list[Report]:
+def doctor(cfg: DoctorJobConfig, output_dir: str, out: Optional[TextIO] = None) -> list[Report]:
     """Check `data.train_path`/`data.sources` (and `data.eval_path`); print and plot the report."""
+    out = out or sys.stdout
     d = cfg.doctor
     _, bounded = load_encoder(cfg.model, cfg.data)
     full = Encoder(bounded.tok, bounded.family, bounded.geometry, max_length=sys.maxsize,

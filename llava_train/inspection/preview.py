@@ -12,7 +12,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Iterator, Optional, TextIO
 
 from llava_train.config import DataConfig, ModelConfig
 from llava_train.config.schema import PreviewJobConfig
@@ -108,8 +108,9 @@ def record(sample: Sample) -> dict:
     }
 
 
-def preview(cfg: PreviewJobConfig, out: TextIO = sys.stdout) -> list[dict]:
+def preview(cfg: PreviewJobConfig, out: Optional[TextIO] = None) -> list[dict]:
     """Print `preview.num_samples` samples from `preview.start`; returns their records."""
+    out = out or sys.stdout
     p = cfg.preview
     if p.split not in ("train", "eval"):
         raise ValueError(f"preview.split={p.split!r}: use train or eval")
