@@ -94,11 +94,12 @@ def test_bad_input_message(kind, row, message, data_dir, encoder, processor):
 
 
 def test_on_error_skip_counts_every_kind(data_dir, encoder, processor):
-    good = [{"id": f"g{i}", "image": "ok.png", "conversations": _turns()} for i in range(3)]
+    good = [{"id": f"g{i}", "image": "ok.png", "conversations": _turns()} for i in range(2)]
+    good.append({"id": "abs", "image": str(data_dir / "ok.png"), "conversations": _turns()})  # absolute path
     path = _write(data_dir / "mixed.jsonl", good + [row for _, row, _ in BAD])
     cfg = DataConfig(train_path=str(path), on_error="skip")
     ds = ConversationDataset(str(path), cfg, encoder, processor.image_processor)
-    assert len(ds) == 3
+    assert len(ds) == 3 and ds[2]["image_sizes"] == [[30, 40]]
     assert ds.skipped.counts == Counter(kind for kind, _, _ in BAD)
     assert ds.skipped.ids["unknown_role"] == ["r1", "r2"]
     assert "placeholder_mismatch: 2" in ds.skipped.summary()
@@ -129,3 +130,15 @@ def test_too_long_follows_overflow_policy(data_dir, encoder, processor):
             continue
         ds = ConversationDataset(str(path), cfg, enc, processor.image_processor)
         assert len(ds) == 1 and ds.skipped.counts == Counter(too_long=1)
+
+
+def test_the_run_reports_skips(data_dir, processor, capsys):
+    from llava_train.config import ModelConfig
+    from llava_train.train.recipe import build_datasets
+
+    path = _write(data_dir / "run.jsonl", [{"id": "g", "image": "ok.png", "conversations": _turns()}]
+                  + [row for kind, row, _ in BAD if kind in ("missing_image", "unknown_role")])
+    train, _ = build_datasets(DataConfig(train_path=str(path), on_error="skip"), ModelConfig(path="tiny"), processor)
+    out = capsys.readouterr().out
+    assert len(train) == 1 and "train: 1 samples" in out and "3 sample(s) skipped" in out
+    assert "missing_image: 1" in out and "unknown_role: 2" in out

@@ -151,3 +151,18 @@ def test_truncation_drops_whole_turns_never_images(tokenizers):
     for policy in ("skip", "error"):
         with pytest.raises(DataError, match=f"data.overflow={policy}"):
             _encoder(tokenizers, "mistral", max_length=limit, overflow=policy).encode(conv, SIZES)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_hf_assistant_mask_equals_our_labels(name, tokenizers):
+    """Plain transformers with the saved chat template trains exactly the same tokens."""
+    tok, family = tokenizers[name], get_family(name)
+    turns = [Turn("system", "Be brief."), Turn("user", "Q?"), Turn("assistant", "3 red."), Turn("user", "More"),
+             Turn("assistant", "Yes.")]
+    msgs = [{"role": t.role, "content": t.text} for t in turns]
+    hf = tok.apply_chat_template(msgs, chat_template=family.chat_template, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    enc = _encoder(tokenizers, name).encode(Conversation("x", turns), [])
+    n_bos = 1 if family.bos else 0
+    assert enc.input_ids[n_bos:] == hf["input_ids"]
+    assert [lab != IGNORE_INDEX for lab in enc.labels[n_bos:]] == [bool(m) for m in hf["assistant_masks"]]
