@@ -109,6 +109,13 @@ def iter_rows(source: Source) -> Iterator[tuple[int, Any]]:
     yield from enumerate(load_hf(source))
 
 
+def count_rows(source: Source) -> Optional[int]:
+    """Number of rows of an HF source (cheap: memory-mapped); None for JSON files (known once parsed)."""
+    if describe(source.path) in ("json", "missing"):
+        return None
+    return len(load_hf(source))
+
+
 def apply_weight(n: int, weight: float, seed: int) -> list[int]:
     """Indices (into a source of n items) one epoch uses: weight 2.0 repeats the source twice,
     0.5 keeps a seeded half, 1.5 adds a seeded half to one full copy."""

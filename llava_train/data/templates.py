@@ -97,7 +97,8 @@ class PromptFamily:
     def chat_template(self) -> str:
         """An equivalent Jinja chat template (saved with a processor so that plain transformers
         `apply_chat_template` produces the training prompt; replies are wrapped in `{% generation %}`
-        for `return_assistant_tokens_mask`)."""
+        for `return_assistant_tokens_mask`). A user turn always ends with the assistant header, as in
+        `pieces`, so `add_generation_prompt` makes no difference."""
         return _jinja(self)
 
 

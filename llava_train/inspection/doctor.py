@@ -24,7 +24,7 @@ from llava_train.config.schema import DoctorJobConfig
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.dataset import Encoder, SkipReport, as_sources, prepare
 from llava_train.data.formats import DataError
-from llava_train.data.sources import Source, apply_weight, default_image_root, iter_rows
+from llava_train.data.sources import Source, apply_weight, count_rows, default_image_root, iter_rows
 from llava_train.inspection.preview import load_encoder
 
 CHUNK = 64  # rows per worker task
@@ -105,10 +105,11 @@ def check_source(source: Source, cfg: DataConfig, full: Encoder, bounded: Encode
                  progress: bool, report: Report) -> None:
     root = str(default_image_root(source, cfg.image_root))
     init = (full, bounded, source.format, root, source.path)
-    rows = list(iter_rows(source))
+    total = count_rows(source)
+    rows = iter_rows(source)  # streamed: HF datasets are memory-mapped, never loaded whole
     results: list[Result] = []
-    bar = _progress(len(rows), f"doctor {Path(source.path).name}", progress)
-    if workers <= 1 or len(rows) < 2 * CHUNK:
+    bar = _progress(total, f"doctor {Path(source.path).name}", progress)
+    if workers <= 1 or (total is not None and total < 2 * CHUNK):
         _init(*init)
         for chunk in _chunks(rows, CHUNK):
             results += _check_chunk(chunk)
@@ -139,10 +140,11 @@ def check_source(source: Source, cfg: DataConfig, full: Encoder, bounded: Encode
         report.trained_tokens += res.trained * weights[k]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: Optional[int], desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled or total < 1000, file=sys.stderr)
+    small = total is not None and total < 1000
+    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled or small, file=sys.stderr)
 
 
 def histogram(values: list[int], bins: int, width: int = 40) -> list[str]:

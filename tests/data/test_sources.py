@@ -115,3 +115,22 @@ def test_check_data_lists_every_problem(tmp_path):
     problems = "\n".join(check_data(cfg))
     for fragment in ("nope.json", "unknown file type", "weight=-1", "overflow='truncate'", "format='csv'"):
         assert fragment in problems
+
+
+def test_doctor_on_hf_sources(hf_dir, tmp_path, capsys):
+    from collections import Counter
+
+    from llava_train.config import ModelConfig
+    from llava_train.config.schema import DoctorConfig, DoctorJobConfig
+    from llava_train.inspection.doctor import doctor
+
+    data = DataConfig(sources=[DataSourceConfig(path=str(hf_dir / "train.parquet"), weight=2.0),
+                               DataSourceConfig(path=str(hf_dir / "messages.parquet"), format="messages")])
+    cfg = DoctorJobConfig(model=ModelConfig(path="tiny"), data=data,
+                          doctor=DoctorConfig(workers=1, plot=str(tmp_path / "d.png")))
+    (report,) = doctor(cfg, str(tmp_path))
+    assert report.ok and report.samples == 5
+    assert report.images_per_sample == Counter({1: 4, 0: 1})
+    # " red</s>" twice per epoch for the parquet rows (weight 2), " blue</s>" once for the messages rows
+    assert report.trained_tokens == 2 * 3 * 2 + 2 * 2
+    assert "text-only: 1 (20.0%)" in capsys.readouterr().out
