@@ -27,7 +27,7 @@ from llava_train.constants import IGNORE_INDEX, IMAGE_SIZES, IMAGE_TOKEN, INPUT_
 from llava_train.data.formats import Conversation, DataError, to_conversation
 from llava_train.data.images import ImageGeometry, image_size, load_rgb, num_image_tokens, resolve_ref
 from llava_train.data.sources import Source, apply_weight, check_path, default_image_root, iter_rows
-from llava_train.data.templates import PromptFamily
+from llava_train.data.templates import SPECIAL_TOKENS, PromptFamily
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,15 @@ class Encoder:
         self.overflow = overflow
         self.last_turn_only = last_turn_only
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        # The family's BOS as a token (the text never contains it); checked to be one token.
-        self.bos_ids: list[int] = []
-        if family.bos:
-            bos_id = tokenizer.convert_tokens_to_ids(family.bos)
-            if bos_id is None or bos_id == tokenizer.unk_token_id:
-                raise ValueError(f"the tokenizer has no {family.bos!r} token, which the {family.name!r} "
-                                 "prompt family starts with; is model.family right for this checkpoint?")
-            self.bos_ids = [bos_id]
+        # The family's special tokens must be single tokens of this tokenizer (else the template
+        # silently splits them into pieces, e.g. `<|im_start|>` into 7): a wrong model.family fails here.
+        for token in dict.fromkeys((family.bos, family.eot, *SPECIAL_TOKENS.get(family.name, ()))):
+            tid = tokenizer.convert_tokens_to_ids(token) if token else None
+            if token and (tid is None or tid == tokenizer.unk_token_id):
+                raise ValueError(f"the tokenizer has no {token!r} token, which the {family.name!r} prompt family "
+                                 "uses; is model.family right for this checkpoint?")
+        # The family's BOS as a token (the prompt text never contains it).
+        self.bos_ids: list[int] = [tokenizer.convert_tokens_to_ids(family.bos)] if family.bos else []
 
     @classmethod
     def from_config(cls, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry],

@@ -166,3 +166,10 @@ def test_hf_assistant_mask_equals_our_labels(name, tokenizers):
     n_bos = 1 if family.bos else 0
     assert enc.input_ids[n_bos:] == hf["input_ids"]
     assert [lab != IGNORE_INDEX for lab in enc.labels[n_bos:]] == [bool(m) for m in hf["assistant_masks"]]
+
+
+def test_wrong_family_for_tokenizer_fails_early(tokenizers):
+    with pytest.raises(ValueError, match=r"no '<\|im_end\|>' token, which the 'chatml' prompt family uses"):
+        Encoder(tokenizers["mistral"], get_family("chatml"), GEO, max_length=100)
+    with pytest.raises(ValueError, match=r"no '<\|begin_of_text\|>' token"):
+        Encoder(tokenizers["qwen"], get_family("llama3"), GEO, max_length=100)
