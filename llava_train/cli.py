@@ -30,8 +30,26 @@ def train(cfg: DictConfig) -> None:
     run(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
 
 
+@hydra.main(config_path=CONFIG_DIR, config_name="preview", version_base="1.3")
+def preview(cfg: DictConfig) -> None:
+    from llava_train.inspection.preview import preview as run_preview
+
+    run_preview(OmegaConf.to_object(cfg))
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="doctor", version_base="1.3")
+def doctor(cfg: DictConfig) -> None:
+    from llava_train.inspection.doctor import doctor as run_doctor
+
+    reports = run_doctor(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
+    if any(not r.ok for r in reports):
+        raise SystemExit(1)
+
+
 COMMANDS = {
     "train": (train, "train a LlavaNext model (LoRA / full) and evaluate it"),
+    "preview": (preview, "render samples as they are trained on (trained spans marked, token counts)"),
+    "doctor": (doctor, "validate a whole dataset fast and print its statistics; non-zero exit on errors"),
 }
 
 

@@ -50,20 +50,47 @@ class ModelConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One entry of `data.sources` (several sources mixed with weights)."""
+
+    # A .json/.jsonl/.parquet/.arrow/.csv file, a `save_to_disk` folder, or a hub dataset id.
+    path: str = MISSING
+    # Epoch multiplier: 2.0 repeats the source twice per epoch, 0.5 keeps a seeded half of it.
+    weight: float = 1.0
+    # auto | llava | messages. Empty: data.format.
+    format: str = ""
+    # Folder relative image paths of this source resolve against. Empty: data.image_root.
+    image_root: str = ""
+    split: str = "train"  # split of a saved DatasetDict or a hub dataset
+    name: Optional[str] = None  # hub dataset configuration name
+
+
+@dataclass
 class DataConfig:
     """Training and evaluation data."""
 
-    train_path: str = MISSING
+    # A .json/.jsonl/.parquet/.arrow/.csv file, a `save_to_disk` folder or a hub id; may stay empty
+    # when `sources` is set.
+    train_path: str = ""
     eval_path: Optional[str] = None
     # Folder that relative image paths resolve against. Empty: the data file's own folder.
     image_root: str = ""
     max_length: int = 2048
-    # What to do with a sample whose first turn does not fit max_length: skip | error.
-    overflow: str = "skip"
+    # A sample longer than max_length: drop_turns (drop whole trailing turns; skip, counted, when even
+    # the first turn does not fit) | skip (skip it whole, counted) | error (raise, naming it).
+    overflow: str = "drop_turns"
     # What to do with a bad sample (missing image, bad conversation...): error | skip.
     on_error: str = "error"
     num_workers: int = 0
     max_eval_samples: Optional[int] = None
+    # Input format: auto (detected per row) | llava (conversations/from/value) | messages (role/content).
+    format: str = "auto"
+    # Train only the last assistant reply of each sample (earlier replies become context, label -100).
+    train_last_turn_only: bool = False
+    # Several training sources mixed with weights; when set, they replace train_path.
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    # Seed of the subsampling that fractional source weights do.
+    mix_seed: int = 0
 
 
 @dataclass
@@ -147,7 +174,52 @@ class TrainJobConfig:
     seed: int = 42
 
 
+@dataclass
+class PreviewConfig:
+    """`llava preview`: how many samples to render and where to write them."""
+
+    num_samples: int = 3
+    start: int = 0  # index of the first sample shown
+    split: str = "train"  # train | eval
+    # Also write one JSON object per sample (id, input_ids, labels, image_sizes, num_image_tokens).
+    output: str = ""
+    color: str = "auto"  # auto (colour on a TTY) | always | never ([[...]] around trained spans)
+
+
+@dataclass
+class PreviewJobConfig:
+    """`llava preview`: render samples exactly as they will be trained on."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+
+
+@dataclass
+class DoctorConfig:
+    """`llava doctor`: validate a whole dataset from image headers, in parallel."""
+
+    workers: int = 0  # processes; 0: all CPU cores
+    include_eval: bool = True  # also check data.eval_path
+    show_ids: int = 5  # sample ids listed per error kind
+    bins: int = 10  # histogram bins
+    # Where the histogram PNG goes. Empty: doctor.png in Hydra's run folder.
+    plot: str = ""
+    progress: bool = True  # progress bar (large sets)
+
+
+@dataclass
+class DoctorJobConfig:
+    """`llava doctor`: dataset validation and statistics; exits non-zero when a sample is bad."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
+
+
 def register_configs() -> None:
     """Register each subcommand's job schema in Hydra's ConfigStore (its YAML lists it first)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
+    cs.store(name="preview_schema", node=PreviewJobConfig)
+    cs.store(name="doctor_schema", node=DoctorJobConfig)

@@ -18,17 +18,21 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from llava_train.config import DataConfig
 from llava_train.constants import IGNORE_INDEX, IMAGE_SIZES, IMAGE_TOKEN, INPUT_IDS, LABELS, PIXEL_VALUES
-from llava_train.data.formats import Conversation, DataError, load_rows, to_conversation
-from llava_train.data.images import ImageGeometry, image_size, load_rgb, num_image_tokens
-from llava_train.data.templates import PromptFamily
+from llava_train.data.formats import Conversation, DataError, to_conversation
+from llava_train.data.images import ImageGeometry, image_size, load_rgb, num_image_tokens, resolve_ref
+from llava_train.data.sources import Source, apply_weight, check_path, default_image_root, iter_rows
+from llava_train.data.templates import SPECIAL_TOKENS, PromptFamily
 
 log = logging.getLogger(__name__)
+
+OVERFLOW_POLICIES = ("drop_turns", "skip", "error")
+FORMATS = ("auto", "llava", "messages")
 
 
 def validate_conversation(conv: Conversation) -> None:
@@ -71,7 +75,9 @@ class Encoder:
     """Tokenises conversations for one tokenizer, prompt family and image geometry."""
 
     def __init__(self, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry], *,
-                 max_length: int, overflow: str = "skip", last_turn_only: bool = False):
+                 max_length: int, overflow: str = "drop_turns", last_turn_only: bool = False):
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"data.overflow={overflow!r}: use one of {OVERFLOW_POLICIES}")
         self.tok = tokenizer
         self.family = family
         self.geometry = geometry
@@ -79,21 +85,33 @@ class Encoder:
         self.overflow = overflow
         self.last_turn_only = last_turn_only
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # The family's special tokens must be single tokens of this tokenizer (else the template
+        # silently splits them into pieces, e.g. `<|im_start|>` into 7): a wrong model.family fails here.
+        for token in dict.fromkeys((family.bos, family.eot, *SPECIAL_TOKENS.get(family.name, ()))):
+            tid = tokenizer.convert_tokens_to_ids(token) if token else None
+            if token and (tid is None or tid == tokenizer.unk_token_id):
+                raise ValueError(f"the tokenizer has no {token!r} token, which the {family.name!r} prompt family "
+                                 "uses; is model.family right for this checkpoint?")
+        # The family's BOS as a token (the prompt text never contains it).
+        self.bos_ids: list[int] = [tokenizer.convert_tokens_to_ids(family.bos)] if family.bos else []
+
+    @classmethod
+    def from_config(cls, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry],
+                    cfg: DataConfig) -> "Encoder":
+        return cls(tokenizer, family, geometry, max_length=cfg.max_length, overflow=cfg.overflow,
+                   last_turn_only=cfg.train_last_turn_only)
 
     def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=True)["input_ids"]
+        return self.bos_ids + self.tok(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, conv: Conversation, sizes: list[tuple[int, int]]) -> Encoded:
         pieces = self.family.pieces(conv.turns)
         text = "".join(p.text for p in pieces)
         ids = self._ids(text)
         labels = [IGNORE_INDEX] * len(ids)
-        reply_ends: list[int] = []  # token index just after each reply's end-of-turn
+        spans: list[tuple[int, int]] = []  # token span of each reply: separator, reply, end-of-turn
         pos = 0
-        trained = [i for i, p in enumerate(pieces) if p.trained]
-        if self.last_turn_only:
-            trained = trained[-1:]
-        for i, piece in enumerate(pieces):
+        for piece in pieces:
             start, end = pos, pos + len(piece.text)
             pos = end
             if not piece.trained:
@@ -101,29 +119,36 @@ class Encoder:
             before, upto = self._ids(text[:start]), self._ids(text[:end])
             if ids[: len(before)] != before or ids[: len(upto)] != upto:
                 raise conv.error(
-                    f"the {self.family.name!r} template does not tokenise stably around reply {len(reply_ends)} "
+                    f"the {self.family.name!r} template does not tokenise stably around reply {len(spans)} "
                     "(the training prompt would differ from the inference prompt); check the text for "
                     "stray special tokens", kind="template_mismatch")
             if len(upto) <= len(before):
-                raise conv.error(f"reply {len(reply_ends)} produced no tokens", kind="empty_reply")
-            if i in trained:
-                labels[len(before): len(upto)] = ids[len(before): len(upto)]
-            reply_ends.append(len(upto))
+                raise conv.error(f"reply {len(spans)} produced no tokens", kind="empty_reply")
+            labels[len(before): len(upto)] = ids[len(before): len(upto)]
+            spans.append((len(before), len(upto)))
 
         out_ids, out_labels, new_pos, images_before, counts = self._expand(conv, ids, labels, sizes)
-
-        if len(out_ids) <= self.max_length:
-            return Encoded(out_ids, out_labels, len(sizes), counts)
-        # Drop whole trailing turns: cut after the last reply that still fits.
-        fitting = [e for e in reply_ends if new_pos[e] <= self.max_length]
-        if not fitting or all(lab == IGNORE_INDEX for lab in out_labels[: new_pos[fitting[-1]]]):
-            raise conv.error(f"the first turn needs {new_pos[reply_ends[0]]} tokens (images included), over "
-                             f"data.max_length={self.max_length}; raise max_length or shorten the sample",
-                             kind="too_long")
-        cut = fitting[-1]
-        kept = images_before[cut]
-        return Encoded(out_ids[: new_pos[cut]], out_labels[: new_pos[cut]], kept, counts[:kept])
-
+        kept_replies, kept_images, length = len(spans), len(sizes), len(out_ids)
+        if length > self.max_length:
+            if self.overflow != "drop_turns":
+                raise conv.error(f"the sample needs {length} tokens (images included), over "
+                                 f"data.max_length={self.max_length} (data.overflow={self.overflow}); raise "
+                                 "max_length, shorten the sample, or set data.overflow=drop_turns",
+                                 kind="too_long")
+            # Drop whole trailing turns: cut after the last reply that still fits (never inside an
+            # image, never before a reply's end-of-turn).
+            kept_replies = sum(1 for _, e in spans if new_pos[e] <= self.max_length)
+            if not kept_replies:
+                raise conv.error(f"the first turn needs {new_pos[spans[0][1]]} tokens (images included), over "
+                                 f"data.max_length={self.max_length}; raise max_length or shorten the sample",
+                                 kind="too_long")
+            cut = spans[kept_replies - 1][1]
+            kept_images, length = images_before[cut], new_pos[cut]
+        out_ids, out_labels = out_ids[:length], out_labels[:length]
+        if self.last_turn_only:  # train only the last (kept) reply
+            last = new_pos[spans[kept_replies - 1][0]]
+            out_labels = [IGNORE_INDEX] * last + out_labels[last:]
+        return Encoded(out_ids, out_labels, kept_images, counts[:kept_images])
 
     def _expand(self, conv: Conversation, ids: list[int], labels: list[int], sizes: list[tuple[int, int]]):
         """Expand each `<image>` id to its feature count; also map old positions to new ones."""
@@ -159,16 +184,33 @@ class Encoder:
 
 @dataclass
 class SkipReport:
-    """Samples left out of a dataset, by kind, with the first few ids of each (never silent)."""
+    """Samples left out of a dataset, by kind, with the first few ids and messages of each (never silent)."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    ids: dict[str, list[str]] = field(default_factory=dict)
+    keep: int = 3
 
     def add(self, err: DataError) -> None:
-        self.counts[err.kind] += 1
-        self.examples.setdefault(err.kind, [])
-        if len(self.examples[err.kind]) < 3:
-            self.examples[err.kind].append(str(err))
+        where = err.sample_id if err.sample_id is not None else (f"#{err.index}" if err.index is not None else "?")
+        self.record(err.kind, str(where), str(err))
+
+    def record(self, kind: str, sample_id: str, message: str) -> None:
+        self.counts[kind] += 1
+        self.examples.setdefault(kind, [])
+        self.ids.setdefault(kind, [])
+        if len(self.examples[kind]) < self.keep:
+            self.examples[kind].append(message)
+            self.ids[kind].append(sample_id)
+
+    def merge(self, other: "SkipReport") -> None:
+        for kind, n in other.counts.items():
+            self.counts[kind] += n
+            self.examples.setdefault(kind, [])
+            self.ids.setdefault(kind, [])
+            room = self.keep - len(self.examples[kind])
+            self.examples[kind] += other.examples.get(kind, [])[:room]
+            self.ids[kind] += other.ids.get(kind, [])[:room]
 
     @property
     def total(self) -> int:
@@ -183,37 +225,79 @@ class SkipReport:
         return "\n".join(lines)
 
 
-class ConversationDataset(torch.utils.data.Dataset):
-    """A data file as training examples; pixels are decoded lazily per item."""
+def prepare(row: Any, *, index: int, source: str, fmt: str, image_root: Path,
+            encoder: Encoder) -> tuple[Conversation, list[tuple[int, int]], Encoded]:
+    """One raw row to a checked conversation (image references resolved), its image sizes (headers
+    only) and its encoding. Raises `DataError` naming the sample for anything wrong with it."""
+    if isinstance(row, DataError):
+        raise row
+    conv = to_conversation(row, fmt=fmt, source=source, index=index)
+    validate_conversation(conv)
+    conv.images = [resolve_ref(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
+    sizes = [image_size(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
+    return conv, sizes, encoder.encode(conv, sizes)
 
-    def __init__(self, path: str, cfg: DataConfig, encoder: Encoder, image_processor, *, fmt: str = "auto"):
-        self.path = Path(path)
-        self.image_root = Path(cfg.image_root) if cfg.image_root else self.path.parent
+
+def should_skip(err: DataError, cfg: DataConfig) -> bool:
+    """Too-long samples follow data.overflow; every other bad sample follows data.on_error."""
+    if err.kind == "too_long":
+        return cfg.overflow != "error"
+    return cfg.on_error == "skip"
+
+
+def as_sources(path: Union[str, list, None], cfg: DataConfig, fmt: Optional[str] = None) -> list[Source]:
+    """`path` (a file/folder/hub id, or a list of `data.sources` entries) as `Source`s."""
+    fmt = fmt or cfg.format
+    if isinstance(path, (str, Path)) and str(path):
+        return [Source(path=str(path), format=fmt, image_root=cfg.image_root)]
+    entries = path or cfg.sources
+    if not entries:
+        raise ValueError("no data: set data.train_path or data.sources")
+    return [Source(path=e.path, weight=e.weight, format=e.format or fmt, image_root=e.image_root or cfg.image_root,
+                   split=e.split, name=e.name) for e in entries]
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """A data source (or a weighted mix of sources) as training examples.
+
+    Indexing reads image headers only; pixels are decoded lazily per item (DataLoader workers).
+    `items[i]` is `(conversation, image sizes)`, `lengths[i]` its token count (images expanded),
+    `skipped` the `SkipReport` of samples left out.
+    """
+
+    def __init__(self, path, cfg: DataConfig, encoder: Encoder, image_processor, *, fmt: Optional[str] = None):
+        self.sources = as_sources(path, cfg, fmt)
+        self.path = Path(self.sources[0].path)
+        self.image_root = default_image_root(self.sources[0], cfg.image_root)
         self.encoder = encoder
         self.image_processor = image_processor
         self.skipped = SkipReport()
         self.items: list[tuple[Conversation, list[tuple[int, int]]]] = []
         self.lengths: list[int] = []
-        for index, row in load_rows(self.path):
-            try:
-                conv = to_conversation(row, fmt=fmt, source=str(self.path), index=index)
-                validate_conversation(conv)
-                sizes = [image_size(ref, self.image_root, conv, k) for k, ref in enumerate(conv.images)]
-                enc = encoder.encode(conv, sizes)
-            except DataError as err:
-                if err.kind == "too_long" and cfg.overflow == "skip":
-                    self.skipped.add(err)
-                    continue
-                if cfg.on_error == "skip" and err.kind != "too_long":
-                    self.skipped.add(err)
-                    continue
-                raise
-            self.items.append((conv, sizes))
-            self.lengths.append(len(enc.input_ids))
+        self.source_index: list[int] = []  # which source each item came from
+        for s, source in enumerate(self.sources):
+            root = default_image_root(source, cfg.image_root)
+            items, lengths = [], []
+            for index, row in iter_rows(source):
+                try:
+                    conv, sizes, enc = prepare(row, index=index, source=source.path, fmt=source.format,
+                                               image_root=root, encoder=encoder)
+                except DataError as err:
+                    if should_skip(err, cfg):
+                        self.skipped.add(err)
+                        continue
+                    raise
+                items.append((conv, sizes))
+                lengths.append(len(enc.input_ids))
+            for k in apply_weight(len(items), source.weight, cfg.mix_seed + s):
+                self.items.append(items[k])
+                self.lengths.append(lengths[k])
+                self.source_index.append(s)
         if self.skipped.total:
             log.warning("%s: %s", self.path, self.skipped.summary())
         if not self.items:
-            raise DataError("no usable samples", source=str(self.path))
+            raise DataError("no usable samples" + (f" ({self.skipped.summary()})" if self.skipped.total else ""),
+                            source=str(self.path))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -237,3 +321,29 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def question_type(self, i: int) -> str:
         return self.items[i][0].question_type
+
+
+def check_data(cfg: DataConfig) -> list[str]:
+    """Problems with a `DataConfig`, for up-front validation (nothing is read but file existence)."""
+    problems: list[str] = []
+    if not cfg.train_path and not cfg.sources:
+        problems.append("set data.train_path or data.sources")
+    if cfg.train_path:
+        problems += check_path(cfg.train_path, "data.train_path")
+    for k, src in enumerate(cfg.sources):
+        problems += check_path(src.path, f"data.sources[{k}].path")
+        if src.weight < 0:
+            problems.append(f"data.sources[{k}].weight={src.weight} must be >= 0")
+        if src.format not in ("",) + FORMATS:
+            problems.append(f"data.sources[{k}].format={src.format!r}: use one of {FORMATS}")
+    if cfg.eval_path:
+        problems += check_path(cfg.eval_path, "data.eval_path")
+    if cfg.image_root and not Path(cfg.image_root).is_dir():
+        problems.append(f"data.image_root={cfg.image_root!r} is not a folder")
+    if cfg.overflow not in OVERFLOW_POLICIES:
+        problems.append(f"data.overflow={cfg.overflow!r}: use one of {', '.join(OVERFLOW_POLICIES)}")
+    if cfg.on_error not in ("skip", "error"):
+        problems.append(f"data.on_error={cfg.on_error!r}: use skip or error")
+    if cfg.format not in FORMATS:
+        problems.append(f"data.format={cfg.format!r}: use one of {', '.join(FORMATS)}")
+    return problems

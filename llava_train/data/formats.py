@@ -48,7 +48,7 @@ class Turn:
     text: str  # may contain <image> placeholders
 
 
-ImageRef = Union[str, bytes]
+ImageRef = Union[str, bytes, dict]  # a path, encoded bytes, or a datasets.Image value {bytes, path}
 
 
 @dataclass
@@ -66,7 +66,9 @@ class Conversation:
         return DataError(message, source=self.source, index=self.index, sample_id=self.id, field=field, kind=kind)
 
 
-def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(index, row) of a JSON list or JSONL file; a malformed JSONL line comes as a `DataError` row
+    (so `data.on_error=skip` can count it), a malformed JSON list raises."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         for lineno, line in enumerate(text.splitlines()):
@@ -75,8 +77,9 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON on line {lineno + 1}: {exc.msg}; fix or remove that line",
-                                source=str(path), index=lineno, kind="malformed_json") from None
+                yield lineno, DataError(f"malformed JSON on line {lineno + 1}: {exc.msg} (column {exc.colno}); "
+                                        "fix or remove that line", source=str(path), index=lineno,
+                                        kind="malformed_json")
         return
     try:
         data = json.loads(text)
@@ -102,6 +105,8 @@ def from_llava(row: dict, *, source: str, index: int) -> Conversation:
 
     if not isinstance(row, dict) or "conversations" not in row:
         raise err("missing 'conversations' (LLaVA format: {id, image, conversations: [{from, value}]})")
+    if not isinstance(row["conversations"], list):
+        raise err("'conversations' must be a list of {from, value} turns")
     turns = []
     for j, msg in enumerate(row["conversations"]):
         if not isinstance(msg, dict) or "from" not in msg or "value" not in msg:
@@ -112,7 +117,12 @@ def from_llava(row: dict, *, source: str, index: int) -> Conversation:
                       "unknown_role")
         turns.append(Turn(role, _text(msg["value"], lambda m, k: err(f"turn {j}: {m}", k))))
     image = row.get("image")
-    images: list[ImageRef] = [] if image is None else ([image] if isinstance(image, (str, bytes)) else list(image))
+    if image is None:
+        images: list[ImageRef] = []
+    elif isinstance(image, (str, bytes, dict)):  # a dict is a datasets.Image value {bytes, path}
+        images = [image]
+    else:
+        images = list(image)
     return Conversation(id=str(sid), turns=turns, images=images, source=source, index=index,
                         question_type=str(row.get("question_type", "")))
 
@@ -147,7 +157,7 @@ def from_messages(row: dict, *, source: str, index: int) -> Conversation:
             raise err(f"message {j}: content must be a string or a list of parts", "non_string_text")
         turns.append(Turn(role, text))
     images = row.get("images") or []
-    if isinstance(images, (str, bytes)):
+    if isinstance(images, (str, bytes, dict)):
         images = [images]
     return Conversation(id=str(sid), turns=turns, images=list(images), source=source, index=index,
                         question_type=str(row.get("question_type", "")))
@@ -166,7 +176,12 @@ def to_conversation(row: Any, *, fmt: str, source: str, index: int) -> Conversat
     if kind == "llava":
         return from_llava(row, source=source, index=index)
     if kind == "messages":
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise DataError("'messages' must be a list of {role, content}", source=source, index=index,
+                            sample_id=row.get("id") if isinstance(row, dict) else None, field="messages")
         return from_messages(row, source=source, index=index)
+    if kind not in ("auto", "unknown"):
+        raise DataError(f"unknown data.format {kind!r}: use auto, llava or messages", source=source, index=index)
     raise DataError("cannot tell the format: expected 'conversations' (LLaVA) or 'messages' (HF)",
                     source=source, index=index, kind="invalid")
 
@@ -176,4 +191,8 @@ def load_rows(path: str | Path) -> list[tuple[int, Any]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist (set data.train_path / data.eval_path)")
-    return list(_read_rows(path))
+    rows = list(read_rows(path))
+    for _, row in rows:
+        if isinstance(row, DataError):
+            raise row
+    return rows

@@ -91,6 +91,15 @@ def resolve_path(ref: str, image_root: Path, conv: Conversation, position: int) 
                          "or an absolute path", field=f"image[{position}]", kind="path_escape")
     return full
 
+def resolve_ref(ref: ImageRef, image_root: Path, conv: Conversation, position: int) -> ImageRef:
+    """A relative path resolved against `image_root` (checked not to escape it), as an absolute path
+    string; bytes and `datasets.Image` values with bytes are returned as they are."""
+    if isinstance(ref, dict) and not ref.get("bytes") and ref.get("path"):
+        ref = ref["path"]
+    if isinstance(ref, str):
+        return str(resolve_path(ref, image_root, conv, position))
+    return ref
+
 def _open(ref: ImageRef, image_root: Path, conv: Conversation, position: int) -> Image.Image:
     fld = f"image[{position}]"
     try:
@@ -107,7 +116,9 @@ def _open(ref: ImageRef, image_root: Path, conv: Conversation, position: int) ->
             raise conv.error(f"image file {path} not found; check data.image_root "
                              f"(relative paths resolve against it)", field=fld, kind="missing_image")
         return Image.open(path)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise conv.error(f"{exc}; downscale it", field=fld, kind="image_too_large") from None
+    except (OSError, SyntaxError) as exc:
         raise conv.error(f"unreadable or corrupt image ({exc}); re-encode or remove it", field=fld,
                          kind="corrupt_image") from None
 

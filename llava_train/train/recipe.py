@@ -68,8 +68,8 @@ def run(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
 
 
 def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
-    encoder = Encoder(processor.tokenizer, get_family(model_cfg.family), ImageGeometry.from_processor(processor),
-                      max_length=cfg.max_length, overflow=cfg.overflow)
+    encoder = Encoder.from_config(processor.tokenizer, get_family(model_cfg.family),
+                                  ImageGeometry.from_processor(processor), cfg)
     train = ConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
     print(f"train: {len(train)} samples from {cfg.train_path} ({train.skipped.summary()})", flush=True)
     evals = None

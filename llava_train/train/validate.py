@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from llava_train.config import TrainJobConfig
+from llava_train.data.dataset import check_data
 from llava_train.data.templates import FAMILIES
 
 
@@ -30,16 +30,7 @@ def check_train(cfg: TrainJobConfig) -> None:
         problems.append(f"model.dtype={cfg.model.dtype!r}: use fp32, bf16 or fp16")
     if cfg.peft.method not in ("lora", "full"):
         problems.append(f"peft.method={cfg.peft.method!r}: use lora or full")
-    if not Path(cfg.data.train_path).is_file():
-        problems.append(f"data.train_path={cfg.data.train_path!r} is not a file")
-    if cfg.data.eval_path and not Path(cfg.data.eval_path).is_file():
-        problems.append(f"data.eval_path={cfg.data.eval_path!r} is not a file")
-    if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
-        problems.append(f"data.image_root={cfg.data.image_root!r} is not a folder")
-    if cfg.data.overflow not in ("skip", "error"):
-        problems.append(f"data.overflow={cfg.data.overflow!r}: use skip or error")
-    if cfg.data.on_error not in ("skip", "error"):
-        problems.append(f"data.on_error={cfg.data.on_error!r}: use skip or error")
+    problems += check_data(cfg.data)
     if cfg.trainer.max_steps <= 0 and cfg.trainer.num_train_epochs <= 0:
         problems.append("set trainer.max_steps > 0 or trainer.num_train_epochs > 0")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
