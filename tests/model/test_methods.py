@@ -226,3 +226,45 @@ def test_qlora_adapter_reloads_with_plain_peft(qlora, tiny_dir, tmp_path):
     base = LlavaNextForConditionalGeneration.from_pretrained(str(tiny_dir), quantization_config=quant)
     reloaded = _reload(qlora, tmp_path / "adapter", base)
     torch.testing.assert_close(qlora.logits(reloaded), qlora.logits(), rtol=0, atol=1e-5)
+
+
+def _groups(optimizer) -> dict[str, dict]:
+    return {g["name"]: g for g in optimizer.param_groups}
+
+
+def test_per_module_learning_rates_in_optimizer_param_groups(processor, tiny_dir, tmp_path):
+    job = _job(tmp_path, train_vision_tower=True)  # LoRA on language model and vision tower, projector fully
+    job.trainer.max_steps = 2
+    job.optim.lr, job.optim.projector_lr, job.optim.vision_lr = 1e-3, 1e-2, 1e-5
+    job.optim.weight_decay = 0.1
+    job.optim.warmup_ratio, job.optim.scheduler = 0.0, "constant"
+    run = Run(job, processor, tiny_dir)
+    groups = _groups(run.trainer.optimizer)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    members = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert set(groups) == {"language", "vision", "projector", "projector_no_decay"}
+    # after training under the scheduler, each group still runs at its own rate
+    assert [groups[k]["lr"] for k in ("language", "vision", "projector", "projector_no_decay")] == [
+        1e-3, 1e-5, 1e-2, 1e-2]
+    assert groups["projector"]["weight_decay"] == 0.1 and groups["projector_no_decay"]["weight_decay"] == 0.0
+    assert all("lora_" in n and "vision_tower" not in n for n in members["language"])
+    assert all("lora_" in n and "vision_tower" in n for n in members["vision"])
+    assert all("multi_modal_projector" in n and n.endswith("weight") for n in members["projector"])
+    assert members["projector_no_decay"] == {n for n in run.trainable if n.endswith("bias")} | {
+        "base_model.model.model.image_newline"}
+    assert set().union(*members.values()) == run.trainable  # every trainable parameter in exactly one group
+    assert sum(len(m) for m in members.values()) == len(run.trainable)
+
+
+def test_full_fine_tuning_groups_without_vision_and_no_decay_for_norms(processor, tiny_dir, tmp_path):
+    from llava_train.model.adapt import param_groups
+
+    job = _job(tmp_path, method="full")
+    job.optim.weight_decay, job.optim.projector_lr = 0.05, 5e-3
+    model = build_model(job.model, job.peft, str(tiny_dir))
+    groups = {g["name"]: g for g in param_groups(model, job.optim)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert set(groups) == {"language", "language_no_decay", "projector", "projector_no_decay"}
+    no_decay = {names[id(p)] for p in groups["language_no_decay"]["params"]}
+    assert no_decay and all("norm" in n for n in no_decay) and groups["language_no_decay"]["weight_decay"] == 0.0
+    assert groups["projector"]["lr"] == 5e-3 and groups["language"]["lr"] == job.optim.lr
