@@ -47,6 +47,13 @@ class ModelConfig:
     # model needs its embeddings and output head here; real checkpoints leave it empty.
     modules_to_save: list[str] = field(default_factory=list)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # Gradient checkpointing (switched on by trainer.gradient_checkpointing) uses non-reentrant
+    # torch.utils.checkpoint; under ZeRO-3 reentrant, because non-reentrant recomputation meets frozen
+    # parameters already re-partitioned (transformers#47254). null: that choice; true/false: forced.
+    checkpoint_reentrant: Optional[bool] = None
+    # Make the embeddings' output require grad, so reentrant-checkpointed blocks with frozen inputs
+    # still backpropagate into LoRA weights ("none of the inputs have requires_grad").
+    input_require_grads: bool = True
 
 
 @dataclass
@@ -97,7 +104,7 @@ class DataConfig:
 class PeftConfig:
     """Fine-tuning method and its adapter settings."""
 
-    method: str = "lora"  # lora | full
+    method: str = "lora"  # lora | qlora (LoRA on a bitsandbytes-quantised base) | full
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
@@ -107,7 +114,31 @@ class PeftConfig:
         r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
     )
     train_projector: bool = True
+    # full: train the vision tower too; lora/qlora: add LoRA on the vision tower's linears
+    # (vision_target_modules). Without it, a target regex that touches the vision tower is refused.
     train_vision_tower: bool = False
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
+    # More LoRA targets: a regex over full module names, OR'ed with target_modules. Empty: none.
+    extra_target_modules: str = ""
+    # LoRA targets in the vision tower, used when train_vision_tower is on (lora/qlora).
+    vision_target_modules: str = (
+        r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
+    )
+    # The learned row separator of LLaVA-NeXT's anyres features (a bare parameter, saved with the adapter).
+    train_image_newline: bool = True
+    # qlora: 4 (nf4/fp4 QLoRA) or 8 (LLM.int8; not with DeepSpeed).
+    bits: int = 4
+    quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    double_quant: bool = True  # quantise the quantisation constants too (4-bit only)
+    compute_dtype: str = ""  # fp32 | bf16 | fp16; empty: model.dtype
+    # Storage dtype of packed 4-bit weights: uint8, or the model dtype so ZeRO-3 can shard them.
+    quant_storage: str = "uint8"  # uint8 | bf16 | fp16 | fp32
+    # Kept in full precision, by FULL module-name prefix (transformers 5 does not match short names:
+    # "vision_tower" would leave the CLIP tower quantised).
+    quant_skip_modules: list[str] = field(
+        default_factory=lambda: ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    )
 
 
 @dataclass
@@ -115,7 +146,10 @@ class OptimConfig:
     """Optimiser; per-module learning rates become separate parameter groups."""
 
     lr: float = 2e-4
-    projector_lr: Optional[float] = None  # None: same as lr
+    projector_lr: Optional[float] = None  # None: same as lr (also image_newline's)
+    vision_lr: Optional[float] = None  # vision tower (full or LoRA); None: same as lr
+    # No weight decay for 1-D parameters and for names containing any of these.
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "image_newline"])
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
@@ -137,6 +171,8 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     report_to: str = "none"
     disable_tqdm: bool = False
+    # When set, must equal world size x per_device_train_batch_size x gradient_accumulation_steps.
+    global_batch_size: Optional[int] = None
 
 
 @dataclass

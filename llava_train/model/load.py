@@ -47,3 +47,18 @@ def load_model(cfg: ModelConfig, checkpoint: str, *, quantization_config=None):
 
 def is_local_checkpoint(checkpoint: str) -> bool:
     return Path(checkpoint).is_dir()
+
+
+def checkpoint_config(checkpoint: str):
+    """The checkpoint's `LlavaNextConfig` (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(checkpoint)
+
+
+def meta_model(config):
+    """The model's module tree on the meta device: every name and type, no memory, no weights."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    with torch.device("meta"):
+        return LlavaNextForConditionalGeneration._from_config(config)

@@ -20,8 +20,9 @@ from llava_train.data.dataset import ConversationDataset, Encoder
 from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
-from llava_train.model.adapt import apply_peft, trainable_summary
+from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint
+from llava_train.model.quantize import quantization_config
 from llava_train.train.trainer import LlavaTrainer, LossRecorder
 from llava_train.train.validate import check_train
 
@@ -42,7 +43,8 @@ def run(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
     processor = load_processor(checkpoint)
     train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
 
-    model = build_model(cfg.model, cfg.peft, checkpoint)
+    model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+                        zero_stage=cfg.deepspeed.stage)
     trainer, losses = build_trainer(cfg, model, train_ds, processor, out)
     start = time.time()
     trainer.train()
@@ -79,12 +81,14 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
     return train, evals
 
 
-def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str):
-    model = load_model(model_cfg, checkpoint)
-    model = apply_peft(model, peft_cfg, model_cfg)
-    print("trainable parameters:", flush=True)
-    for group, (trainable, total) in trainable_summary(model).items():
-        print(f"  {group:<15} {trainable:>12,} / {total:>12,}", flush=True)
+def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *,
+                gradient_checkpointing: bool = False, zero_stage: int = 0):
+    model = load_model(model_cfg, checkpoint, quantization_config=quantization_config(peft_cfg, model_cfg))
+    model = apply_peft(model, peft_cfg, model_cfg, gradient_checkpointing=gradient_checkpointing,
+                       zero_stage=zero_stage)
+    print(f"method: {peft_cfg.method}, model.dtype: {model_cfg.dtype}", flush=True)
+    print(describe(model, attn_implementation=model_cfg.attn_implementation,
+                   reentrant=checkpoint_reentrant(model_cfg, zero_stage)), flush=True)
     return model
 
 
@@ -105,7 +109,7 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=False,  # build_model switches it on (reentrant choice, input grads)
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=[] if t.report_to == "none" else [t.report_to],
         disable_tqdm=t.disable_tqdm,

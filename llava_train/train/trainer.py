@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import Trainer, TrainerCallback
 
-from llava_train.model.adapt import param_groups
+from llava_train.model.adapt import param_groups, save_unsaved_trainables
 from llava_train.train.loss import sparse_lm_loss
 
 
@@ -32,6 +32,11 @@ class LlavaTrainer(Trainer):
             kwargs.pop("lr", None)
             self.optimizer = cls(param_groups(opt_model, self.optim_cfg), **kwargs)
         return self.optimizer
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Also for checkpoints: adds what peft's adapter file leaves out (image_newline)."""
+        super().save_model(output_dir, _internal_call)
+        save_unsaved_trainables(self.model, output_dir or self.args.output_dir, write=self.args.should_save)
 
 
 class LossRecorder(TrainerCallback):

@@ -6,9 +6,9 @@ import json
 
 import datasets
 import pytest
-from conftest import DEMO
 from PIL import Image
 
+from conftest import DEMO
 from llava_train.config import DataConfig
 from llava_train.config.schema import DataSourceConfig
 from llava_train.data.dataset import ConversationDataset, check_data

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import DEMO
 
+from conftest import DEMO
 from llava_train.cli import main
 
 
