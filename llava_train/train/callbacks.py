@@ -35,14 +35,16 @@ WANDB_HOST = ("api.wandb.ai", 443)
 
 
 def run_name(cfg: LoggerConfig, out: Path) -> str:
-    """The configured name, else the Hydra job name and run folder, else the output folder's name."""
+    """The configured name, else the Hydra job (subcommand config, run folder, multirun job number), else
+    the output folder's name."""
     if cfg.name:
         return cfg.name
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         hc = HydraConfig.get()
-        return f"{hc.job.name}/{Path(hc.runtime.output_dir).name}"
+        name = f"{hc.job.config_name}/{Path(hc.runtime.output_dir).name}"
+        return name if hc.job.get("num") is None else f"{name}#{hc.job.num}"
     return out.name
 
 
