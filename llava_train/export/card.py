@@ -19,7 +19,8 @@ def _hyperparameters(train_cfg: dict[str, Any]) -> dict[str, Any]:
     if peft.get("method") == "lora":
         out.update({"LoRA r": peft.get("r"), "LoRA alpha": peft.get("alpha"), "LoRA dropout": peft.get("dropout"),
                     "LoRA targets": peft.get("target_modules"),
-                    "modules trained fully": model.get("modules_to_save")})
+                    "modules trained fully": list(model.get("modules_to_save") or [])
+                    + (["multi_modal_projector"] if peft.get("train_projector") else [])})
     return {k: v for k, v in out.items() if v not in (None, "", [])}
 
 
@@ -48,7 +49,7 @@ def build_card(*, kind: str, repo_id: str, base_model: str, datasets: list[str],
     )
     hp = _hyperparameters(train_cfg)
     lines = [f"# {name}", "",
-             f"LLaVA-NeXT fine-tuned with [llava-train](https://github.com/) from `{base_model}`"
+             f"LLaVA-NeXT fine-tuned with llava-train from `{base_model}`"
              + (" (LoRA adapter)." if kind == "adapter" else " (adapter merged into the weights)."), ""]
     if datasets:
         lines += ["Training data: " + ", ".join(f"`{d}`" for d in datasets), ""]

@@ -48,21 +48,23 @@ def test_batched_generation_equals_one_by_one(trained_run, processor, encoder):
     ds = ConversationDataset(str(trained_run.eval_path), DataConfig(train_path=str(trained_run.eval_path),
                                                                     image_root=str(DEMO)), encoder,
                              processor.image_processor)
-    idx = list(range(12))
+    idx = list(range(8))
     lengths = {ds.lengths[i] for i in idx}
     assert len(lengths) > 1  # prompts of different lengths: the batch really is left padded
-    batched = generate_predictions(trained_run.model, ds, processor.tokenizer, batch_size=12, indices=idx)
+    batched = generate_predictions(trained_run.model, ds, processor.tokenizer, batch_size=8, indices=idx)
     single = generate_predictions(trained_run.model, ds, processor.tokenizer, batch_size=1, indices=idx)
     assert [p.prediction for p in batched] == [p.prediction for p in single]
     assert any(p.prediction for p in batched)
 
 
-def test_chat_one_shot_cli(trained_run):
+def test_chat_one_shot(trained_run, capsys):
+    from llava_train.evaluate.chat import run
+
     pred = _train_predictions(trained_run)[0]
     image = DEMO / json.loads(trained_run.eval_path.read_text())[0]["image"]
-    stdout = _llava("chat", f"model.path={trained_run.out}", f"images=[{image}]", f"prompt='{pred['question']}'",
-                    "max_new_tokens=16")
-    assert stdout.strip().splitlines()[-1] == pred["prediction"]
+    run(ChatJobConfig(model=ModelConfig(path=str(trained_run.out)), images=[str(image)], prompt=pred["question"],
+                      max_new_tokens=16))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == pred["prediction"]
 
 
 def test_chat_batch_and_interactive(trained_run, tmp_path):

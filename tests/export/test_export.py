@@ -4,12 +4,10 @@ transformers) reproduce the model as it was at the end of training; the merged m
 
 import json
 import logging
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import DEMO, REPO
+from conftest import DEMO
 
 from llava_train.config.schema import DataConfig, ExportConfig
 from llava_train.data.collate import Collator
@@ -160,14 +158,17 @@ def test_push_uses_token_but_never_writes_it(trained_run, exported, caplog_modul
     assert not [t for t in texts if SENTINEL in t]
 
 
-def test_cli_dry_run_lists_upload_without_token(trained_run, tmp_path):
-    env = {**__import__("os").environ, "HF_TOKEN": SENTINEL}
-    proc = subprocess.run([sys.executable, "-m", "llava_train", "export", f"export.source={trained_run.out}",
-                           "export.merged=false", "export.push=adapter", "export.push_to_hub=true",
-                           "export.repo_id=someone/tiny-adapter", "export.dry_run=true", f"output_dir={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "would upload" in proc.stdout and "adapter_model.safetensors" in proc.stdout
-    assert "library_name: peft" in proc.stdout  # the model card is shown
+def test_dry_run_lists_upload_without_token(trained_run, tmp_path, monkeypatch, capsys):
+    from llava_train.export import hub
+    from llava_train.export.run import run
+
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    monkeypatch.setattr(hub, "upload", lambda *a: pytest.fail("dry_run must not upload"))
+    result = run(ExportConfig(source=str(trained_run.out), merged=False, push="adapter", push_to_hub=True,
+                              repo_id="someone/tiny-adapter", dry_run=True), str(tmp_path))
+    printed = "".join(capsys.readouterr())
+    assert result["push"]["dry_run"] and "adapter_model.safetensors" in result["push"]["files"]
+    assert "would upload" in printed and "adapter_model.safetensors" in printed
+    assert "library_name: peft" in printed  # the model card is shown
     written = [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()]
-    assert SENTINEL not in proc.stdout + proc.stderr and not [t for t in written if SENTINEL in t]
+    assert SENTINEL not in printed and not [t for t in written if SENTINEL in t]
