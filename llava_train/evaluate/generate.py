@@ -76,11 +76,12 @@ def _zero3() -> bool:
 @torch.no_grad()
 def generate_predictions(model, ds: ConversationDataset, tokenizer, *, batch_size: int = 16,
                          max_new_tokens: int = 16, indices: Iterable[int] | None = None,
-                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[Prediction]:
+                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                         synced_gpus: bool | None = None) -> list[Prediction]:
     """Predictions for the last assistant turn of each sample, in batches (left padded).
 
     Greedy unless `do_sample`. Under torch.distributed each rank decodes a shard and all ranks return
-    every prediction, in the order of `indices`."""
+    every prediction, in the order of `indices`. `synced_gpus`: None = on under DeepSpeed ZeRO-3."""
     order = list(range(len(ds))) if indices is None else list(indices)
     rank, world = _world()
     if world == 1:
@@ -93,7 +94,7 @@ def generate_predictions(model, ds: ConversationDataset, tokenizer, *, batch_siz
     n_pad = per_rank - len(shard)
     padded = shard + [shard[-1] if shard else order[0]] * n_pad
     mine = _generate(model, ds, tokenizer, padded, batch_size, max_new_tokens, do_sample, temperature, top_p,
-                     synced_gpus=_zero3())[: len(shard)]
+                     synced_gpus=_zero3() if synced_gpus is None else synced_gpus)[: len(shard)]
     gathered: list[list[Prediction]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, mine)
     by_index = {i: p for r in range(world) for i, p in zip(order[r::world], gathered[r])}
