@@ -16,14 +16,14 @@ from llava_train.config.schema import ExportConfig
 from llava_train.export import hub
 from llava_train.export.artifacts import write_adapter, write_merged
 from llava_train.export.card import build_card
-from llava_train.model.inference import load_processor_for, resolve
+from llava_train.model.inference import FINAL, load_processor_for, resolve
 
 CONFIG_FILES = ("config.yaml", ".hydra/config.yaml")  # resolved by `llava train`, else Hydra's copy
 
 
 def _training_outputs(source: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(training config as YAML text, the same parsed, metrics.json) from a training output folder."""
-    roots = [source, source.parent]  # a training output, or its final/ folder
+    roots = [source, source.parent] if source.name == FINAL else [source]  # a training output or its final/
     text = next(((r / f).read_text() for r in roots for f in CONFIG_FILES if (r / f).is_file()), "")
     metrics_file = next((r / "metrics.json" for r in roots if (r / "metrics.json").is_file()), None)
     metrics = json.loads(metrics_file.read_text()) if metrics_file else {}

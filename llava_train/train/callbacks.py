@@ -140,6 +140,8 @@ class Tracking(TrainerCallback):
                 row["steps_per_second"] = round(sps, 4)
                 row["samples_per_second"] = round(sps * samples, 3)
             self._last = (state.global_step, now)
+        elif any(k.startswith("eval_") for k in logs):  # throughput counts training time only
+            self._last = (state.global_step, time.time())
         self._record(row)
 
     def on_save(self, args, state, control, **kwargs):

@@ -89,3 +89,23 @@ def test_png_curves_exist_and_are_images(trained_run):
             assert im.format == "PNG" and im.width > 300 and im.height > 100
             # not blank: many distinct colours (curves, axes, text)
             assert len(im.convert("RGB").getcolors(maxcolors=100000) or []) > 20
+
+
+def test_run_name_comes_from_the_hydra_job(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from llava_train.cli import CONFIG_DIR
+    from llava_train.config.schema import LoggerConfig
+    from llava_train.train.callbacks import run_name
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"output_dir={tmp_path}/14-03-12"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = f"{tmp_path}/14-03-12"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert run_name(LoggerConfig(), tmp_path) == "train/14-03-12"
+        assert run_name(LoggerConfig(name="mine"), tmp_path) == "mine"
+    finally:
+        HydraConfig.instance().cfg = None
+    assert run_name(LoggerConfig(), tmp_path / "out") == "out"
