@@ -101,6 +101,28 @@ def generate_predictions(model, ds: ConversationDataset, tokenizer, *, batch_siz
     return [by_index[i] for i in order]
 
 
+def _bare_parameters(model) -> list:
+    """Parameters held directly by modules that also have submodules (LlavaNext's `image_newline`)."""
+    return [p for m in model.modules() if next(m.children(), None) is not None for p in m.parameters(recurse=False)]
+
+
+def _zero3_gathered(model, enabled: bool):
+    """Under ZeRO-3, gather the bare parameters for the whole `generate` call.
+
+    Workaround: transformers 5 `generate` computes the image features before the first forward
+    (`_prepare_multimodal_encoder_kwargs_for_generation` -> `get_image_features` -> `pack_image_features`),
+    outside any module forward, so DeepSpeed's forward hooks never gather `image_newline` and the
+    partitioned (empty) tensor fails "expanded size ... existing size (0)". Submodules (vision tower,
+    projector) are gathered by their own hooks. Can go when generate calls the encoder through a forward."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(_bare_parameters(model), modifier_rank=None)
+
+
 def _generate(model, ds, tokenizer, order, batch_size, max_new_tokens, do_sample, temperature, top_p,
               synced_gpus: bool = False) -> list[Prediction]:
     collate = Collator(pad_token_id=tokenizer.pad_token_id, padding_side="left")
@@ -116,8 +138,9 @@ def _generate(model, ds, tokenizer, order, batch_size, max_new_tokens, do_sample
         batch = {k: v.to(device) for k, v in batch.items()}
         if PIXEL_VALUES in batch:
             batch[PIXEL_VALUES] = batch[PIXEL_VALUES].to(dtype)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling, synced_gpus=synced_gpus,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with _zero3_gathered(model, _zero3()):
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling, synced_gpus=synced_gpus,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new = out[:, batch[INPUT_IDS].shape[1]:]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(chunk, texts):
