@@ -44,12 +44,35 @@ def doctor(cfg: DictConfig) -> None:
     reports = run_doctor(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
     if any(not r.ok for r in reports):
         raise SystemExit(1)
+@hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
+def evaluate(cfg: DictConfig) -> None:
+    from llava_train.evaluate.run import run
+
+    run(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="export", version_base="1.3")
+def export(cfg: DictConfig) -> None:
+    from llava_train.export.run import run
+
+    job = OmegaConf.to_object(cfg)
+    run(job.export, job.output_dir)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="chat", version_base="1.3")
+def chat(cfg: DictConfig) -> None:
+    from llava_train.evaluate.chat import run
+
+    run(OmegaConf.to_object(cfg))
 
 
 COMMANDS = {
     "train": (train, "train a LlavaNext model (LoRA / full) and evaluate it"),
     "preview": (preview, "render samples as they are trained on (trained spans marked, token counts)"),
     "doctor": (doctor, "validate a whole dataset fast and print its statistics; non-zero exit on errors"),
+    "eval": (evaluate, "generation eval (exact / contains match) of an adapter, merged or base model"),
+    "export": (export, "adapter folder + merged model (+ model card, push to the hub)"),
+    "chat": (chat, "one-shot, interactive or batch generation from images and a prompt"),
 }
 
 

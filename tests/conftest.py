@@ -52,3 +52,61 @@ def encoder(processor):
 
     return Encoder(processor.tokenizer, get_family("mistral"), ImageGeometry.from_processor(processor),
                    max_length=2048)
+
+
+class _TrainedRun:
+    """One short LoRA run of the tiny model shared by the eval / export / tracking / chat tests."""
+
+    def __init__(self, out: Path, eval_path: Path, stdout: str, results: dict, model):
+        self.out, self.eval_path, self.stdout, self.results, self.model = out, eval_path, stdout, results, model
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_dir):
+    """`llava train` in-process (logger=wandb offline, in-training eval every 8 steps) for 16 steps on a
+    32-sample slice of the demo eval split; keeps the model exactly as it was when training ended."""
+    import contextlib
+    import copy
+    import io
+    import json
+    import sys
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from transformers import TrainerCallback
+
+    from llava_train.cli import CONFIG_DIR
+    from llava_train.train.recipe import run
+
+    root = tmp_path_factory.mktemp("trained")
+    eval_path = root / "eval_demo32.json"
+    eval_path.write_text(json.dumps(json.loads((DEMO / "eval.json").read_text())[:32]))
+    out = root / "run"
+    overrides = ["model=tiny", "peft=lora", "logger=wandb", "logger.tags=[test]", f"output_dir={out}",
+                 f"data.train_path={DEMO / 'train.json'}", f"data.eval_path={eval_path}", f"data.image_root={DEMO}",
+                 "trainer.max_steps=16", "trainer.per_device_train_batch_size=8", "trainer.logging_steps=4",
+                 "trainer.save_steps=8", "trainer.disable_tqdm=true", "eval.every_steps=8", "eval.max_samples=8",
+                 "eval.table_rows=4"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name="train", overrides=overrides))
+
+    class KeepFinalModel(TrainerCallback):
+        model = None
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            KeepFinalModel.model = copy.deepcopy(model).eval()
+
+    class Tee(io.StringIO):
+        def write(self, s):
+            sys.__stdout__.write(s)
+            return super().write(s)
+
+    buf = Tee()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+            mp.setenv(var, str(root / "wandb-home"))
+        with contextlib.redirect_stdout(buf):
+            results = run(cfg, str(out), callbacks=[KeepFinalModel()])
+    return _TrainedRun(out, eval_path, buf.getvalue(), results, KeepFinalModel.model)

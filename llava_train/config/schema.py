@@ -192,6 +192,33 @@ class EvalConfig:
     max_new_tokens: int = 16
     batch_size: int = 16
     show_samples: int = 5
+    # During training: eval loss and generation metrics every N optimizer steps (0: only after training).
+    # Under ZeRO-3 every rank generates its shard of the eval set with synced_gpus (see README).
+    every_steps: int = 0
+    # Eval samples used by the in-training generation eval (None: the whole eval split).
+    max_samples: Optional[int] = None
+    # Sample predictions (with their images) logged to the tracker's table at each eval.
+    table_rows: int = 16
+    # Greedy by default; do_sample=true samples with temperature / top_p.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (rank 0 only). A plain JSONL log and a loss / accuracy PNG are always written."""
+
+    backend: str = "none"  # none | wandb
+    project: str = "llava-train"
+    entity: Optional[str] = None
+    # Run name. Empty: the Hydra job name and run folder (e.g. "train/14-03-12"), or the output folder name.
+    name: str = ""
+    tags: list[str] = field(default_factory=list)
+    # online | offline | auto (auto: $WANDB_MODE if set, else offline when api.wandb.ai is unreachable).
+    mode: str = "auto"
+    # Where wandb keeps its run folder. Empty: the training output_dir.
+    dir: str = ""
 
 
 @dataclass
@@ -205,6 +232,7 @@ class TrainJobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Where checkpoints, the final adapter and metrics.json go. Empty: Hydra's run folder.
     output_dir: str = ""
     seed: int = 42
@@ -253,9 +281,96 @@ class DoctorJobConfig:
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
 
+@dataclass
+class EvalDataConfig:
+    """The data `llava eval` generates on (LLaVA JSON/JSONL or messages; last assistant turn = reference)."""
+
+    path: str = MISSING
+    # Folder that relative image paths resolve against. Empty: the data file's own folder.
+    image_root: str = ""
+    max_length: int = 4096
+    max_samples: Optional[int] = None
+    on_error: str = "error"  # error | skip
+
+
+@dataclass
+class EvalJobConfig:
+    """`llava eval`: generation eval of an adapter, a merged model or a base model."""
+
+    # model.path: an adapter folder, a merged/base checkpoint (folder or hub id), a training output
+    # folder (its final/ is used) or "tiny". model.family renders the prompts.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Adapters only: the base checkpoint, when it moved since training (default: the one recorded).
+    base_model: str = ""
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Where predictions.jsonl and metrics.json go. Empty: Hydra's run folder.
+    output_dir: str = ""
+    seed: int = 0
+
+
+@dataclass
+class ExportConfig:
+    """What `llava export` writes and uploads."""
+
+    # A training output folder (its final/ and config.yaml are used) or an adapter / model folder.
+    source: str = MISSING
+    # The base checkpoint for an adapter, when it moved since training (default: the one recorded).
+    base_model: str = ""
+    adapter: bool = True  # write <output_dir>/adapter (PEFT format + processor + training config)
+    merged: bool = True  # write <output_dir>/merged (merge_and_unload, plain transformers)
+    # dtype of the merged weights: fp32 | bf16 | fp16 | auto (auto: the training model.dtype).
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    push_to_hub: bool = False
+    repo_id: str = ""
+    private: bool = True
+    push: str = "merged"  # which folder to upload: merged | adapter
+    dry_run: bool = False  # list what would be uploaded (and the model card) without uploading
+    # Model card metadata: hub dataset ids, license, extra tags, and the base model id shown to users
+    # (default: the training model.path).
+    datasets: list[str] = field(default_factory=list)
+    license: str = ""
+    tags: list[str] = field(default_factory=list)
+    card_base_model: str = ""
+
+
+@dataclass
+class ExportJobConfig:
+    """`llava export`."""
+
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Where adapter/ and merged/ go. Empty: <export.source>/export.
+    output_dir: str = ""
+
+
+@dataclass
+class ChatJobConfig:
+    """`llava chat`: one-shot, interactive or batch generation from images and a prompt."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base_model: str = ""  # adapters only, as in `llava eval`
+    images: list[str] = field(default_factory=list)  # image paths for one-shot mode
+    prompt: str = ""  # one-shot when set; interactive (stdin) when empty and no input file
+    system: str = ""
+    # Batch mode: a JSONL of {"id"?, "prompt", "images": [paths]} requests; replies go to `output`
+    # (default: <input>.replies.jsonl) as {"id", "prompt", "images", "reply"}.
+    input: str = ""
+    output: str = ""
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 def register_configs() -> None:
     """Register each subcommand's job schema in Hydra's ConfigStore (its YAML lists it first)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(name="preview_schema", node=PreviewJobConfig)
     cs.store(name="doctor_schema", node=DoctorJobConfig)
+    cs.store(name="eval_schema", node=EvalJobConfig)
+    cs.store(name="export_schema", node=ExportJobConfig)
+    cs.store(name="chat_schema", node=ChatJobConfig)

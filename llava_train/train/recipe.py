@@ -23,6 +23,7 @@ from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint
 from llava_train.model.quantize import quantization_config
+from llava_train.train.callbacks import attach_callbacks
 from llava_train.train.trainer import LlavaTrainer, LossRecorder
 from llava_train.train.validate import check_train
 
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 
 
-def run(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
-    """Train, save `<output_dir>/final`, evaluate; returns the metrics also written to metrics.json."""
+def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
+    """Train, save `<output_dir>/final`, evaluate; returns the metrics also written to metrics.json.
+
+    `callbacks`: extra `TrainerCallback`s (e.g. a library user's own) added to the trainer."""
     check_train(cfg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,9 @@ def run(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
                         zero_stage=cfg.deepspeed.stage)
     trainer, losses = build_trainer(cfg, model, train_ds, processor, out)
+    tracking = attach_callbacks(trainer, cfg, eval_ds, processor.tokenizer, out)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     start = time.time()
     trainer.train()
     train_seconds = time.time() - start
@@ -65,6 +71,7 @@ def run(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
     }
     if eval_ds is not None and cfg.eval.enabled:
         results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out))
+    tracking.finish(results, trainer.state.global_step, rows=cfg.eval.table_rows)
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

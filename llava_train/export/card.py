@@ -1,0 +1,81 @@
+"""Model cards for exported adapters and merged models (`huggingface_hub.ModelCard`, YAML metadata +
+markdown): base model, datasets, library, pipeline tag, hyperparameters, eval metrics, usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PIPELINE_TAG = "image-text-to-text"
+
+
+def _hyperparameters(train_cfg: dict[str, Any]) -> dict[str, Any]:
+    peft, optim, trainer, model = (train_cfg.get(k, {}) for k in ("peft", "optim", "trainer", "model"))
+    out = {"method": peft.get("method"), "base dtype": model.get("dtype"), "prompt family": model.get("family"),
+           "learning rate": optim.get("lr"), "projector learning rate": optim.get("projector_lr"),
+           "scheduler": optim.get("scheduler"), "max steps": trainer.get("max_steps"),
+           "epochs": trainer.get("num_train_epochs"),
+           "batch size per device": trainer.get("per_device_train_batch_size"),
+           "gradient accumulation": trainer.get("gradient_accumulation_steps"), "seed": train_cfg.get("seed")}
+    if peft.get("method") == "lora":
+        out.update({"LoRA r": peft.get("r"), "LoRA alpha": peft.get("alpha"), "LoRA dropout": peft.get("dropout"),
+                    "LoRA targets": peft.get("target_modules"),
+                    "modules trained fully": list(model.get("modules_to_save") or [])
+                    + (["multi_modal_projector"] if peft.get("train_projector") else [])})
+    return {k: v for k, v in out.items() if v not in (None, "", [])}
+
+
+def build_card(*, kind: str, repo_id: str, base_model: str, datasets: list[str], train_cfg: dict[str, Any],
+               metrics: dict[str, Any], license: str = "", tags: list[str] = ()):
+    """A `ModelCard` for `kind` = "adapter" (library_name peft) or "merged" (library_name transformers)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    name = repo_id.split("/")[-1] if repo_id else "llava-train-model"
+    eval_results = []
+    data_path = train_cfg.get("data", {}).get("eval_path") or "eval split"
+    for key, metric in (("eval_accuracy", "exact_match"), ("eval_contains_accuracy", "contains_match")):
+        if isinstance(metrics.get(key), (int, float)):
+            eval_results.append(EvalResult(task_type=PIPELINE_TAG, dataset_type=(datasets or ["custom"])[0],
+                                           dataset_name=str(data_path).split("/")[-1], metric_type=metric,
+                                           metric_value=float(metrics[key])))
+    data = ModelCardData(
+        base_model=base_model or None,
+        datasets=list(datasets) or None,
+        library_name="peft" if kind == "adapter" else "transformers",
+        pipeline_tag=PIPELINE_TAG,
+        license=license or None,
+        tags=["llava-next", "llava-train", "vision-language"] + (["lora"] if kind == "adapter" else []) + list(tags),
+        model_name=name,
+        eval_results=eval_results or None,
+    )
+    hp = _hyperparameters(train_cfg)
+    lines = [f"# {name}", "",
+             f"LLaVA-NeXT fine-tuned with llava-train from `{base_model}`"
+             + (" (LoRA adapter)." if kind == "adapter" else " (adapter merged into the weights)."), ""]
+    if datasets:
+        lines += ["Training data: " + ", ".join(f"`{d}`" for d in datasets), ""]
+    lines += ["## Training hyperparameters", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | `{v}` |" for k, v in hp.items()]
+    shown = {k: v for k, v in metrics.items() if k.startswith(("eval_", "train_loss")) and isinstance(v, (int, float))}
+    if shown:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in shown.items()]
+    lines += ["", "## Usage", "", "```python", *usage(kind, repo_id or "<this folder>", base_model), "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def usage(kind: str, repo: str, base_model: str) -> list[str]:
+    ask = ('messages = [{"role": "user", "content": [{"type": "image", "url": "photo.png"},\n'
+           '                                         {"type": "text", "text": "What is in the image?"}]}]')
+    if kind == "merged":
+        return ["from transformers import pipeline", "",
+                f'pipe = pipeline("{PIPELINE_TAG}", model="{repo}")', ask,
+                "print(pipe(text=messages, max_new_tokens=64, return_full_text=False)[0][\"generated_text\"])"]
+    return ["from peft import PeftModel",
+            "from transformers import AutoProcessor, LlavaNextForConditionalGeneration", "",
+            f'base = LlavaNextForConditionalGeneration.from_pretrained("{base_model}")',
+            f'model = PeftModel.from_pretrained(base, "{repo}")',
+            f'processor = AutoProcessor.from_pretrained("{repo}")', ask,
+            "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
+            "                                       return_dict=True, return_tensors=\"pt\")",
+            "out = model.generate(**inputs, max_new_tokens=64)",
+            "print(processor.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]

@@ -1,0 +1,87 @@
+"""`llava export`: from a training output, (a) the adapter folder in PEFT format with the processor, chat
+template and resolved training config, (b) a merged model that plain
+`LlavaNextForConditionalGeneration.from_pretrained` loads, each with a model card (README.md), and
+(c) optionally an upload to the hub (`export.push_to_hub`, `export.dry_run` lists it instead).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llava_train.config.schema import ExportConfig
+from llava_train.export import hub
+from llava_train.export.artifacts import write_adapter, write_merged
+from llava_train.export.card import build_card
+from llava_train.model.inference import FINAL, load_processor_for, resolve
+
+CONFIG_FILES = ("config.yaml", ".hydra/config.yaml")  # resolved by `llava train`, else Hydra's copy
+
+
+def _training_outputs(source: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(training config as YAML text, the same parsed, metrics.json) from a training output folder."""
+    roots = [source, source.parent] if source.name == FINAL else [source]  # a training output or its final/
+    text = next(((r / f).read_text() for r in roots for f in CONFIG_FILES if (r / f).is_file()), "")
+    metrics_file = next((r / "metrics.json" for r in roots if (r / "metrics.json").is_file()), None)
+    metrics = json.loads(metrics_file.read_text()) if metrics_file else {}
+    return text, (yaml.safe_load(text) or {}) if text else {}, metrics
+
+
+def run(cfg: ExportConfig, output_dir: str) -> dict[str, Any]:
+    resolved = resolve(cfg.source, cfg.base_model)
+    config_text, train_cfg, metrics = _training_outputs(Path(cfg.source))
+    out = Path(output_dir or Path(cfg.source) / "export")
+    dtype = cfg.dtype if cfg.dtype != "auto" else train_cfg.get("model", {}).get("dtype", "fp32")
+    processor = load_processor_for(resolved)
+    model_path = train_cfg.get("model", {}).get("path", "")
+    card_base = cfg.card_base_model or (model_path if model_path and model_path != "tiny" else resolved.base)
+    datasets = list(cfg.datasets)
+    written: dict[str, Path] = {}
+
+    def card(kind: str):
+        return build_card(kind=kind, repo_id=cfg.repo_id, base_model=card_base, datasets=datasets,
+                          train_cfg=train_cfg, metrics=metrics, license=cfg.license, tags=list(cfg.tags))
+
+    if cfg.adapter:
+        if resolved.is_adapter:
+            written["adapter"] = write_adapter(resolved, processor, config_text, out / "adapter")
+            card("adapter").save(written["adapter"] / "README.md")
+            print(f"adapter: {written['adapter']} (PEFT; base {resolved.base})", flush=True)
+        else:
+            print(f"adapter: skipped, {resolved.model_dir} is a full checkpoint (no adapter_config.json)", flush=True)
+    if cfg.merged:
+        written["merged"] = write_merged(resolved, processor, dtype, cfg.max_shard_size, config_text, out / "merged")
+        card("merged").save(written["merged"] / "README.md")
+        print(f"merged: {written['merged']} ({dtype}, shards of at most {cfg.max_shard_size})", flush=True)
+
+    result: dict[str, Any] = {"written": {k: str(v) for k, v in written.items()}}
+    if cfg.push_to_hub:
+        result["push"] = push(cfg, written)
+    return result
+
+
+def push(cfg: ExportConfig, written: dict[str, Path]) -> dict[str, Any]:
+    if not cfg.repo_id:
+        raise ValueError("export.push_to_hub=true needs export.repo_id=<user or org>/<name>")
+    if cfg.push not in written:
+        raise ValueError(f"export.push={cfg.push!r} but only {sorted(written)} were written; "
+                         f"set export.{cfg.push}=true or export.push to one of them")
+    folder = written[cfg.push]
+    plan = hub.upload_plan(folder)
+    visibility = "private" if cfg.private else "public"
+    print(f"{'would upload' if cfg.dry_run else 'uploading'} {folder} to {cfg.repo_id} ({visibility}), "
+          f"token from {hub.token_source()}:", flush=True)
+    for name, size in plan:
+        print(f"  {name:<50} {size / 1e6:10.2f} MB", flush=True)
+    if cfg.dry_run:
+        print("\nmodel card (README.md):\n" + (folder / "README.md").read_text(), flush=True)
+        return {"dry_run": True, "repo_id": cfg.repo_id, "files": [n for n, _ in plan]}
+    token = hub.find_token()
+    if not token:
+        raise RuntimeError("no hub token: set HF_TOKEN or run `hf auth login`")
+    url = hub.upload(folder, cfg.repo_id, cfg.private, token)
+    print(f"uploaded: {url}", flush=True)
+    return {"dry_run": False, "repo_id": cfg.repo_id, "url": url, "files": [n for n, _ in plan]}

@@ -1,0 +1,248 @@
+"""Callbacks a training run uses beyond the loss: in-training generation eval and tracking.
+
+- `GenerationEval`: every `eval.every_steps` optimizer steps, the eval loss (through HF Trainer's own
+  evaluation loop, so DDP/DeepSpeed sharding and gathering are HF's) and generation metrics (exact /
+  contains match, per question type). Under ZeRO-3 every rank generates its shard with
+  `synced_gpus=True` (see `llava_train.evaluate.generate`).
+- `Tracking` (rank 0 only): the resolved config (`config.yaml`, needed by `llava export`), a plain JSONL
+  log (`log.jsonl`) always, throughput, a loss / eval-accuracy PNG next to each checkpoint and in the
+  output folder, and, with `logger=wandb`, a wandb run with the config, metrics and a table of sample
+  predictions with their images (offline when there is no network).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from transformers import TrainerCallback
+
+from llava_train.config.schema import EvalConfig, LoggerConfig, TrainJobConfig
+from llava_train.evaluate.generate import Prediction, generate_predictions, metrics
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "training_curves.png"
+WANDB_HOST = ("api.wandb.ai", 443)
+
+
+def run_name(cfg: LoggerConfig, out: Path) -> str:
+    """The configured name, else the Hydra job (subcommand config, run folder, multirun job number), else
+    the output folder's name."""
+    if cfg.name:
+        return cfg.name
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        name = f"{hc.job.config_name}/{Path(hc.runtime.output_dir).name}"
+        return name if hc.job.get("num") is None else f"{name}#{hc.job.num}"
+    return out.name
+
+
+def wandb_mode(cfg: LoggerConfig) -> str:
+    """online | offline. `auto`: $WANDB_MODE when set, else offline unless api.wandb.ai answers."""
+    if cfg.mode != "auto":
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    try:
+        socket.create_connection(WANDB_HOST, timeout=2).close()
+        return "online"
+    except OSError:
+        return "offline"
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> Optional[Path]:
+    """Train / eval loss and eval accuracy against the step, as a PNG (no display needed)."""
+    from matplotlib.figure import Figure
+
+    def series(key):
+        pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig = Figure(figsize=(9, 3.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        x, y = series(key)
+        if x:
+            ax_loss.plot(x, y, marker="." if len(x) < 50 else None, label=label)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("loss")
+    ax_loss.legend(loc="upper right")
+    x, y = series("eval_accuracy")
+    if x:
+        ax_acc.plot(x, y, marker="o", label="exact match")
+    x, y = series("eval_contains_accuracy")
+    if x:
+        ax_acc.plot(x, y, marker="x", linestyle="--", label="contains")
+    ax_acc.set_ylim(-0.02, 1.02)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_title("eval accuracy")
+    if x:
+        ax_acc.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+class Tracking(TrainerCallback):
+    """Rank-0 tracking: config.yaml, log.jsonl, PNG curves, and optionally a wandb run."""
+
+    def __init__(self, cfg: LoggerConfig, job: TrainJobConfig, out: Path, eval_ds=None, is_main: bool = True):
+        self.cfg = cfg
+        self.out = out
+        self.eval_ds = eval_ds
+        self.is_main = is_main
+        self.history: list[dict[str, Any]] = []
+        self.wandb = None
+        self._last = (0, time.time())
+        self.config = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(self.config))
+            (out / LOG_FILE).write_text("")
+
+    # --- events -------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (state.global_step, time.time())
+        if not self.is_main or self.cfg.backend == "none":
+            return
+        if self.cfg.backend != "wandb":
+            raise ValueError(f"unknown logger.backend {self.cfg.backend!r}; use none or wandb")
+        import wandb
+
+        mode = wandb_mode(self.cfg)
+        self.wandb = wandb.init(project=self.cfg.project, entity=self.cfg.entity, name=run_name(self.cfg, self.out),
+                                tags=list(self.cfg.tags), config=self.config, dir=self.cfg.dir or str(self.out),
+                                mode=mode, reinit="finish_previous")
+        print(f"wandb: run {self.wandb.name!r} ({mode}) in {self.wandb.dir}", flush=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.is_main or not logs:
+            return
+        row = {"step": state.global_step, "time": round(time.time(), 3), **logs}
+        if "loss" in logs:  # a training log: throughput since the previous one
+            step0, t0 = self._last
+            now = time.time()
+            if state.global_step > step0 and now > t0:
+                sps = (state.global_step - step0) / (now - t0)
+                samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+                row["steps_per_second"] = round(sps, 4)
+                row["samples_per_second"] = round(sps * samples, 3)
+            self._last = (state.global_step, now)
+        elif any(k.startswith("eval_") for k in logs):  # throughput counts training time only
+            self._last = (state.global_step, time.time())
+        self._record(row)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.is_main:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                plot_curves(self.history, ckpt / PLOT_FILE)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.is_main:
+            plot_curves(self.history, self.out / PLOT_FILE)
+
+    # --- called by the recipe and GenerationEval ----------------------------------------------
+    def log_predictions(self, step: int, preds: list[Prediction], rows: int, key: str = "eval/predictions") -> None:
+        """A wandb table of sample predictions with their images."""
+        if not self.is_main or self.wandb is None or self.eval_ds is None:
+            return
+        import wandb
+
+        from llava_train.data.images import load_rgb
+
+        by_id = {self.eval_ds.conversation(i).id: self.eval_ds.conversation(i) for i in range(len(self.eval_ds))}
+        table = wandb.Table(columns=["step", "id", "image", "question", "reference", "prediction", "exact"])
+        for p in preds[:rows]:
+            conv = by_id.get(p.id)
+            image = None
+            if conv is not None and conv.images:
+                image = wandb.Image(load_rgb(conv.images[0], self.eval_ds.image_root, conv, 0))
+            table.add_data(step, p.id, image, p.question, p.reference, p.prediction, p.exact)
+        self.wandb.log({key: table}, step=step)
+
+    def finish(self, results: dict[str, Any], step: int, rows: int = 16) -> None:
+        """Final metrics (JSONL, plot, wandb summary, table of the final eval's predictions.jsonl);
+        closes the wandb run."""
+        if not self.is_main:
+            return
+        preds_file = self.out / "predictions.jsonl"
+        preds = []
+        if preds_file.exists():
+            for line in preds_file.read_text().splitlines():
+                row = json.loads(line)
+                preds.append(Prediction(row["id"], row["question"], row["reference"], row["prediction"]))
+        final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._record({"step": step, "final": True, **final})
+        plot_curves(self.history, self.out / PLOT_FILE)
+        if self.wandb is not None:
+            if preds:
+                self.log_predictions(step, preds, rows, key="final/predictions")
+            for k, v in final.items():
+                self.wandb.summary[f"final/{k}"] = v
+            self.wandb.finish()
+            self.wandb = None
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        with open(self.out / LOG_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            metrics_only = {k: v for k, v in row.items() if k not in ("step", "time")
+                            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb.log(metrics_only, step=row["step"])
+
+
+class GenerationEval(TrainerCallback):
+    """Every `every_steps`: HF's eval loss, then generation metrics on all ranks, logged through the trainer."""
+
+    def __init__(self, trainer, eval_ds, tokenizer, cfg: EvalConfig, tracking: Tracking):
+        self.trainer = trainer
+        self.eval_ds = eval_ds
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.tracking = tracking
+        self.indices = range(len(eval_ds) if cfg.max_samples is None else min(cfg.max_samples, len(eval_ds)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.cfg.every_steps and state.global_step % self.cfg.every_steps == 0:
+            control.should_evaluate = True
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        c = self.cfg
+        preds = generate_predictions(model, self.eval_ds, self.tokenizer, batch_size=c.batch_size,
+                                     max_new_tokens=c.max_new_tokens, indices=self.indices, do_sample=c.do_sample,
+                                     temperature=c.temperature, top_p=c.top_p)
+        m = metrics(preds)
+        logs = {"eval_accuracy": m["exact_match"], "eval_contains_accuracy": m["contains_match"]}
+        logs.update({f"eval_accuracy_{t}": v for t, v in m.get("per_question_type", {}).items()})
+        self.trainer.log(logs)
+        self.tracking.log_predictions(state.global_step, preds, c.table_rows)
+
+
+def attach_callbacks(trainer, cfg: TrainJobConfig, eval_ds, tokenizer, out: Path) -> Tracking:
+    """Add tracking (always) and the in-training eval (when eval.every_steps > 0) to `trainer`."""
+    tracking = Tracking(cfg.logger, cfg, out, eval_ds, is_main=trainer.is_world_process_zero())
+    trainer.add_callback(tracking)
+    if eval_ds is not None and cfg.eval.enabled and cfg.eval.every_steps > 0:
+        from torch.utils.data import Subset
+
+        cb = GenerationEval(trainer, eval_ds, tokenizer, cfg.eval, tracking)
+        # The eval loss runs through HF's evaluation loop (sharded and gathered by HF); only the loss
+        # is kept (no logits gathered).
+        trainer.eval_dataset = Subset(eval_ds, list(cb.indices))
+        trainer.args.prediction_loss_only = True
+        trainer.add_callback(cb)
+    return tracking
