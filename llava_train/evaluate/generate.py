@@ -84,7 +84,7 @@ def generate_predictions(model, ds: ConversationDataset, tokenizer, *, batch_siz
     every prediction, in the order of `indices`. `synced_gpus`: None = on under DeepSpeed ZeRO-3."""
     order = list(range(len(ds))) if indices is None else list(indices)
     rank, world = _world()
-    if world == 1:
+    if world == 1 or not order:
         return _generate(model, ds, tokenizer, order, batch_size, max_new_tokens, do_sample, temperature, top_p)
     import torch.distributed as dist
 

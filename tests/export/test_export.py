@@ -172,3 +172,17 @@ def test_dry_run_lists_upload_without_token(trained_run, tmp_path, monkeypatch, 
     assert "library_name: peft" in printed  # the model card is shown
     written = [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()]
     assert SENTINEL not in printed and not [t for t in written if SENTINEL in t]
+
+
+def test_llava_eval_on_merged_and_base(trained_run, exported, tmp_path):
+    from llava_train.config.schema import EvalDataConfig, EvalJobConfig, ModelConfig
+    from llava_train.evaluate.run import run
+
+    out, _, _, _ = exported
+    data = EvalDataConfig(path=str(trained_run.eval_path), image_root=str(DEMO))
+    merged = run(EvalJobConfig(model=ModelConfig(path=str(out / "merged")), data=data), str(tmp_path / "merged"))
+    assert not merged["adapter"] and merged["exact_match"] == trained_run.results["eval_accuracy"]
+    base = run(EvalJobConfig(model=ModelConfig(path="tiny"), data=EvalDataConfig(
+        path=str(trained_run.eval_path), image_root=str(DEMO), max_samples=4)), str(tmp_path / "base"))
+    assert base["count"] == 4 and not base["adapter"]
+    assert (tmp_path / "base" / "predictions.jsonl").read_text().count("\n") == 4
