@@ -253,7 +253,9 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
             "weight_decay": cfg.weight_decay if decay else 0.0,
         })
         group["params"].append(p)
-    return list(groups.values())
+    # language first: HF Trainer logs the first group's learning rate as "learning_rate"
+    order = {"language": 0, "projector": 1, "vision": 2}
+    return [groups[k] for k in sorted(groups, key=lambda k: (order[k[0]], not k[1]))]
 
 
 def unsaved_trainables(model) -> list[str]:
