@@ -67,11 +67,6 @@ def target_problems(model: torch.nn.Module, cfg: PeftConfig, model_cfg: ModelCon
     return problems
 
 
-def lora_targets(model: torch.nn.Module, cfg: PeftConfig) -> list[str]:
-    """Module names the LoRA regex hits."""
-    return _linear_names(model, lora_target_regex(cfg))
-
-
 def checkpoint_reentrant(model_cfg: ModelConfig, zero_stage: int) -> bool:
     """Non-reentrant checkpointing, except under ZeRO-3 (transformers#47254: non-reentrant recomputation
     sees frozen parameters already re-partitioned to shape [0] and raises CheckpointError)."""
@@ -130,11 +125,13 @@ def apply_peft(model, peft_cfg: PeftConfig, model_cfg: ModelConfig, *, gradient_
         raise ValueError(f"unknown peft.method {peft_cfg.method!r}")
     from peft import LoraConfig, get_peft_model
 
-    if peft_cfg.method == "qlora":
+    if peft_cfg.method == "qlora" and zero_stage != 3:
         from peft import prepare_model_for_kbit_training
 
         # k-bit preparation: freezes the base and upcasts its non-quantised fp16/bf16 weights to fp32;
-        # checkpointing is switched on below, the same way for every method.
+        # checkpointing is switched on below, the same way for every method. Not under ZeRO-3: there the
+        # 4-bit weights are stored in the model dtype to be sharded with everything else, and fp32 copies
+        # of the other shards would mix dtypes in DeepSpeed's flat buffers (get_peft_model freezes the base).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         enable_checkpointing(model, model_cfg, zero_stage)
@@ -256,7 +253,9 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
             "weight_decay": cfg.weight_decay if decay else 0.0,
         })
         group["params"].append(p)
-    return list(groups.values())
+    # language first: HF Trainer logs the first group's learning rate as "learning_rate"
+    order = {"language": 0, "projector": 1, "vision": 2}
+    return [groups[k] for k in sorted(groups, key=lambda k: (order[k[0]], not k[1]))]
 
 
 def unsaved_trainables(model) -> list[str]:

@@ -72,6 +72,8 @@ def quantized_modules(model) -> "OrderedDict[tuple[str, str], int]":
     from llava_train.model.adapt import module_group
 
     out: OrderedDict[tuple[str, str], int] = OrderedDict()
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return out
     for name, module in model.named_modules():
         kind = is_quantized_linear(module)
         if kind:

@@ -9,7 +9,7 @@ from llava_train.config import TrainJobConfig
 from llava_train.data.dataset import check_data
 from llava_train.data.templates import FAMILIES
 from llava_train.model.adapt import checkpoint_reentrant, target_problems
-from llava_train.model.load import DTYPES
+from llava_train.model.load import DTYPES, checkpoint_config, meta_model, resolve_checkpoint
 from llava_train.model.quantize import STORAGE_DTYPES, compute_dtype, skip_problems
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -117,8 +117,6 @@ def _qlora_problems(cfg: TrainJobConfig) -> list[str]:
 
 def _checkpoint_problems(cfg: TrainJobConfig) -> list[str]:
     """Checks against the checkpoint's config.json and its module tree on the meta device (no weights)."""
-    from llava_train.model.load import checkpoint_config, meta_model, resolve_checkpoint
-
     m, p = cfg.model, cfg.peft
     try:
         config = checkpoint_config(resolve_checkpoint(m))
