@@ -22,6 +22,14 @@ from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.model.adapt import apply_peft, trainable_summary
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint
+from llava_train.train.distributed import (
+    distributed_arguments,
+    init_distributed,
+    is_main_process,
+    main_process_first,
+    teardown,
+)
+from llava_train.train.resume import CheckpointSealer, Preemption, drop_unsealed, resolve_resume
 from llava_train.train.trainer import LlavaTrainer, LossRecorder
 from llava_train.train.validate import check_train
 
@@ -30,27 +38,43 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 
 
-def run(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
+def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     """Train, save `<output_dir>/final`, evaluate; returns the metrics also written to metrics.json."""
     check_train(cfg)
+    init_distributed(cfg.deepspeed)  # before TrainingArguments (ZeRO-3 batch check, partitioned init)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    checkpoint = resolve_checkpoint(cfg.model)
+    with main_process_first():
+        checkpoint = resolve_checkpoint(cfg.model)
     print(f"base checkpoint: {checkpoint}", flush=True)
     processor = load_processor(checkpoint)
     train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
 
+    args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
+    torch.manual_seed(cfg.seed)  # same adapter init whether or not the base was just materialised
     model = build_model(cfg.model, cfg.peft, checkpoint)
-    trainer, losses = build_trainer(cfg, model, train_ds, processor, out)
+    preemption = Preemption(cfg.trainer.preemption_signals)
+    trainer, losses = build_trainer(cfg, model, train_ds, processor, out, args=args,
+                                    callbacks=[CheckpointSealer(), preemption, *callbacks])
+    resume_from = resolve_resume(cfg.trainer.resume, out)
+    if is_main_process():
+        drop_unsealed(out, resume_from)
+    if resume_from:
+        print(f"resuming from {resume_from}", flush=True)
     start = time.time()
-    trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - start
+    if preemption.preempted:
+        print(f"preempted: checkpoint saved to {preemption.checkpoint}; resume with trainer.resume=auto", flush=True)
+        teardown()
+        return {"preempted": True, "checkpoint": preemption.checkpoint, "loss_history": losses}
 
     final = out / FINAL
     trainer.save_model(str(final))
-    processor.save_pretrained(str(final))
+    if is_main_process():
+        processor.save_pretrained(str(final))
 
     results: dict[str, Any] = {
         "train_loss": losses[-1][1] if losses else None,
@@ -60,10 +84,15 @@ def run(cfg: TrainJobConfig, output_dir: str) -> dict[str, Any]:
         "train_samples": len(train_ds),
         "skipped_train_samples": dict(train_ds.skipped.counts),
         "base_checkpoint": checkpoint,
+        "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
+        "world_size": args.world_size,
     }
     if eval_ds is not None and cfg.eval.enabled:
-        results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out))
-    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        # every rank generates (ZeRO-3 gathers weights collectively); rank 0 writes
+        results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out if is_main_process() else None))
+    if is_main_process():
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    teardown()
     return results
 
 
@@ -114,17 +143,19 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         seed=cfg.seed,
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
+        **distributed_arguments(cfg.deepspeed),
+        train_sampling_strategy=t.data_order,
     )
 
 
-def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path):
+def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, args=None, callbacks=()):
     recorder = LossRecorder()
     trainer = LlavaTrainer(
         model=model,
-        args=training_arguments(cfg, out),
+        args=args if args is not None else training_arguments(cfg, out),
         train_dataset=train_ds,
         data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
-        callbacks=[recorder],
+        callbacks=[recorder, *callbacks],
         optim_cfg=cfg.optim,
     )
     return trainer, recorder.losses

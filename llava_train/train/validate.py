@@ -7,6 +7,8 @@ from pathlib import Path
 
 from llava_train.config import TrainJobConfig
 from llava_train.data.templates import FAMILIES
+from llava_train.train.distributed import check_deepspeed
+from llava_train.train.resume import check_resume_settings
 
 
 class ConfigError(ValueError):
@@ -47,5 +49,6 @@ def check_train(cfg: TrainJobConfig) -> None:
             problems.append(f"trainer.{name} must be >= 1")
     if cfg.optim.lr <= 0:
         problems.append("optim.lr must be > 0")
+    problems += check_deepspeed(cfg.deepspeed, cfg.peft) + check_resume_settings(cfg.trainer)
     if problems:
         raise ConfigError(problems)
