@@ -133,6 +133,8 @@ class DeepSpeedConfig:
     overlap_comm: bool = False  # overlap gradient reduction with backward (useful on GPUs)
     # ZeRO-3: gather the partitioned weights into 16-bit full tensors when saving (needed for adapters).
     gather_16bit_weights_on_model_save: bool = True
+    # ZeRO-3: parameters smaller than this stay whole on every rank. None: "auto" (10 x hidden size).
+    param_persistence_threshold: Optional[int] = None
 
 
 @dataclass

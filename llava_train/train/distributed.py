@@ -78,7 +78,8 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> Optional[dict[str, Any]]:
     if cfg.stage == 3:
         zero.update({
             "stage3_prefetch_bucket_size": AUTO,
-            "stage3_param_persistence_threshold": AUTO,
+            "stage3_param_persistence_threshold": AUTO if cfg.param_persistence_threshold is None
+            else cfg.param_persistence_threshold,
             "stage3_gather_16bit_weights_on_model_save": cfg.gather_16bit_weights_on_model_save,
         })
     else:
@@ -191,11 +192,17 @@ class VisionKeepAlive:
         self.side = cfg.vision_config.image_size
         self.patches = image_size_to_num_patches((self.side, self.side), cfg.image_grid_pinpoints, self.side)
         self.active = False
-        self.handle = self.llava.get_input_embeddings().register_forward_hook(self._hook)
+        self.handle = None
 
     @contextlib.contextmanager
     def batch(self, inputs: dict) -> Iterator[None]:
         """Within this block, the forward of a batch without pixel values also runs the vision path."""
+        if self.handle is None:
+            # Registered at the first batch, i.e. after DeepSpeed has added its own hooks: its post-forward
+            # hook must wrap the embedding output before ours adds the vision term, so that in backward the
+            # projector is reached before the embedding, as on ranks with images (DeepSpeed checks that all
+            # ranks record the same module order and stops with "Detected a disagreement" otherwise).
+            self.handle = self.llava.get_input_embeddings().register_forward_hook(self._hook)
         self.active = PIXEL_VALUES not in inputs
         try:
             yield
@@ -214,4 +221,6 @@ class VisionKeepAlive:
         return output + 0.0 * sum(f.sum() for f in feats).to(output.dtype)
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

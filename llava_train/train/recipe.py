@@ -53,8 +53,7 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
 
     args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
-    torch.manual_seed(cfg.seed)  # same adapter init whether or not the base was just materialised
-    model = build_model(cfg.model, cfg.peft, checkpoint)
+    model = build_model(cfg.model, cfg.peft, checkpoint, seed=cfg.seed)
     preemption = Preemption(cfg.trainer.preemption_signals)
     trainer, losses = build_trainer(cfg, model, train_ds, processor, out, args=args,
                                     callbacks=[CheckpointSealer(), preemption, *callbacks])
@@ -108,8 +107,12 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
     return train, evals
 
 
-def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str):
+def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, seed=None):
     model = load_model(model_cfg, checkpoint)
+    if seed is not None:
+        # adapter init from the seed alone: loading draws random numbers under ZeRO-3's partitioned init
+        # (and when the tiny base is materialised) but not otherwise
+        torch.manual_seed(seed)
     model = apply_peft(model, peft_cfg, model_cfg)
     print("trainable parameters:", flush=True)
     for group, (trainable, total) in trainable_summary(model).items():
