@@ -30,9 +30,19 @@ def train(cfg: DictConfig) -> None:
     run(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
 
 
+@hydra.main(config_path=CONFIG_DIR, config_name="sweep-report", version_base="1.3")
+def sweep_report(cfg: DictConfig) -> None:
+    from llava_train.train.sweep import report
+
+    report(cfg.dir, cfg.out)
+
+
 COMMANDS = {
     "train": (train, "train a LlavaNext model (LoRA / full) and evaluate it"),
+    "sweep-report": (sweep_report, "table + plot of a `llava train -m` sweep folder: llava sweep-report DIR"),
 }
+# subcommands whose first argument may be given bare (`llava sweep-report DIR` = `... dir=DIR`)
+POSITIONAL = {"sweep-report": "dir"}
 
 
 def usage() -> str:
@@ -50,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    sys.argv = [f"llava {name}", *argv[1:]]
+    rest = argv[1:]
+    if name in POSITIONAL and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest = [f"{POSITIONAL[name]}={rest[0]}", *rest[1:]]
+    sys.argv = [f"llava {name}", *rest]
     COMMANDS[name][0]()
 
 

@@ -163,7 +163,16 @@ class TrainJobConfig:
     seed: int = 42
 
 
+@dataclass
+class SweepReportConfig:
+    """`llava sweep-report DIR`: table and plot of a multirun folder's runs."""
+
+    dir: str = MISSING  # the sweep folder (hydra.sweep.dir of `llava train -m ...`)
+    out: str = ""  # where sweep_report.{md,csv,png} go. Empty: the sweep folder
+
+
 def register_configs() -> None:
     """Register each subcommand's job schema in Hydra's ConfigStore (its YAML lists it first)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
+    cs.store(name="sweep_report_schema", node=SweepReportConfig)

@@ -115,9 +115,9 @@ def distributed_arguments(cfg: DeepSpeedConfig) -> dict[str, Any]:
 
 
 def _export_submitit_env() -> None:
-    """Under the submitit SLURM launcher (one task per GPU, no torchrun) derive the torch.distributed
-    variables from SLURM's, with submitit's own helper."""
-    if "RANK" in os.environ or "SUBMITIT_FOLDER" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+    """Under the submitit SLURM launcher (one task per GPU, no torchrun: SLURM_NTASKS > 1 but no RANK)
+    derive the torch.distributed variables from SLURM's, with submitit's own helper."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
         return
     from submitit.helpers import TorchDistributedEnvironment
 

@@ -150,9 +150,15 @@ class Preemption(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        for s, handler in self._previous.items():
+        previous = dict(self._previous)
+        for s, handler in previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+        handler = previous.get(self.received)
+        if self.preempted and callable(handler):
+            # The checkpoint is on disk: let whoever handled the signal before us act on it too (submitit's
+            # handler requeues the job, which then continues with trainer.resume=auto).
+            handler(self.received, None)
         return control
 
 
