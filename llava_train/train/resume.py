@@ -82,9 +82,12 @@ def resolve_resume(value: str, output_dir: Path) -> Optional[str]:
 
 def drop_unsealed(output_dir: Path, after: Optional[str]) -> list[Path]:
     """Remove unsealed checkpoint folders newer than the one resumed from (rank 0 only): they are
-    half-written leftovers that the continuing run would otherwise partly overwrite or rotate."""
-    start = int(CHECKPOINT_RX.match(Path(after).name).group(1)) if after and CHECKPOINT_RX.match(Path(after).name) \
-        else -1
+    half-written leftovers that the continuing run would otherwise partly overwrite or rotate. Nothing is
+    removed when not resuming."""
+    m = CHECKPOINT_RX.match(Path(after).name) if after else None
+    if m is None:
+        return []
+    start = int(m.group(1))
     removed = []
     for step, p, ok in checkpoints(output_dir):
         if not ok and step > start:

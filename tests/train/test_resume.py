@@ -141,3 +141,14 @@ def test_explicit_unsealed_or_missing_checkpoint_is_refused(tmp_path):
     assert "not a complete checkpoint" in check_resume(str(half))[0]
     assert "not a folder" in check_resume(str(tmp_path / "nope"))[0]
     assert check_resume("auto") == [] and check_resume("false") == []
+
+
+def test_unsealed_leftovers_removed_only_when_resuming(tmp_path):
+    from llava_train.train.resume import drop_unsealed
+
+    two = _fake_checkpoint(tmp_path, 2, True)
+    _fake_checkpoint(tmp_path, 1, False)
+    three = _fake_checkpoint(tmp_path, 3, False)
+    assert drop_unsealed(tmp_path, None) == [] and three.exists()  # a fresh run touches nothing
+    assert drop_unsealed(tmp_path, str(two)) == [three] and not three.exists()
+    assert (tmp_path / "checkpoint-1").exists()  # older than the resume point: left alone
