@@ -44,6 +44,8 @@ def doctor(cfg: DictConfig) -> None:
     reports = run_doctor(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
     if any(not r.ok for r in reports):
         raise SystemExit(1)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
 def evaluate(cfg: DictConfig) -> None:
     from llava_train.evaluate.run import run
@@ -66,6 +68,13 @@ def chat(cfg: DictConfig) -> None:
     run(OmegaConf.to_object(cfg))
 
 
+@hydra.main(config_path=CONFIG_DIR, config_name="sweep-report", version_base="1.3")
+def sweep_report(cfg: DictConfig) -> None:
+    from llava_train.train.sweep import report
+
+    report(cfg.dir, cfg.out)
+
+
 COMMANDS = {
     "train": (train, "train a LlavaNext model (LoRA / full) and evaluate it"),
     "preview": (preview, "render samples as they are trained on (trained spans marked, token counts)"),
@@ -73,7 +82,10 @@ COMMANDS = {
     "eval": (evaluate, "generation eval (exact / contains match) of an adapter, merged or base model"),
     "export": (export, "adapter folder + merged model (+ model card, push to the hub)"),
     "chat": (chat, "one-shot, interactive or batch generation from images and a prompt"),
+    "sweep-report": (sweep_report, "table + plot of a `llava train -m` sweep folder: llava sweep-report DIR"),
 }
+# subcommands whose first argument may be given bare (`llava sweep-report DIR` = `... dir=DIR`)
+POSITIONAL = {"sweep-report": "dir"}
 
 
 def usage() -> str:
@@ -91,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    sys.argv = [f"llava {name}", *argv[1:]]
+    rest = argv[1:]
+    if name in POSITIONAL and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest = [f"{POSITIONAL[name]}={rest[0]}", *rest[1:]]
+    sys.argv = [f"llava {name}", *rest]
     COMMANDS[name][0]()
 
 

@@ -173,15 +173,31 @@ class TrainerConfig:
     disable_tqdm: bool = False
     # When set, must equal world size x per_device_train_batch_size x gradient_accumulation_steps.
     global_batch_size: Optional[int] = None
+    # Continue from a checkpoint: "auto" (the newest complete checkpoint in output_dir, else start fresh),
+    # a checkpoint folder, or "false". Only checkpoints sealed by llava_train.train.resume are picked.
+    resume: str = "false"
+    # Order of training samples: random (seeded) | sequential (e.g. to compare runs rank for rank).
+    data_order: str = "random"
+    # Signals that save a checkpoint and stop cleanly (SLURM preemption sends SIGTERM, or SIGUSR1 with --signal).
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
 class DeepSpeedConfig:
-    """DeepSpeed ZeRO; stage 0 means plain (DDP or single process)."""
+    """DeepSpeed ZeRO; stage 0 means plain (DDP or single process).
 
-    stage: int = 0
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    Rendered by llava_train.train.distributed.deepspeed_config into a DeepSpeed JSON dict whose batch,
+    clipping, precision and bucket sizes are "auto" (HF Trainer fills them from TrainingArguments).
+    """
+
+    stage: int = 0  # 0 (off) | 2 | 3
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (ZeRO-Offload)
+    offload_param: bool = False  # ZeRO-3 only: parameters on the CPU between uses
+    overlap_comm: bool = False  # overlap gradient reduction with backward (useful on GPUs)
+    # ZeRO-3: gather the partitioned weights into 16-bit full tensors when saving (needed for adapters).
+    gather_16bit_weights_on_model_save: bool = True
+    # ZeRO-3: parameters smaller than this stay whole on every rank. None: "auto" (10 x hidden size).
+    param_persistence_threshold: Optional[int] = None
 
 
 @dataclass
@@ -365,6 +381,14 @@ class ChatJobConfig:
     seed: int = 0
 
 
+@dataclass
+class SweepReportConfig:
+    """`llava sweep-report DIR`: table and plot of a multirun folder's runs."""
+
+    dir: str = MISSING  # the sweep folder (hydra.sweep.dir of `llava train -m ...`)
+    out: str = ""  # where sweep_report.{md,csv,png} go. Empty: the sweep folder
+
+
 def register_configs() -> None:
     """Register each subcommand's job schema in Hydra's ConfigStore (its YAML lists it first)."""
     cs = ConfigStore.instance()
@@ -374,3 +398,4 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalJobConfig)
     cs.store(name="export_schema", node=ExportJobConfig)
     cs.store(name="chat_schema", node=ChatJobConfig)
+    cs.store(name="sweep_report_schema", node=SweepReportConfig)

@@ -24,6 +24,14 @@ from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint
 from llava_train.model.quantize import quantization_config
 from llava_train.train.callbacks import attach_callbacks
+from llava_train.train.distributed import (
+    distributed_arguments,
+    init_distributed,
+    is_main_process,
+    main_process_first,
+    teardown,
+)
+from llava_train.train.resume import CheckpointSealer, Preemption, drop_unsealed, resolve_resume
 from llava_train.train.trainer import LlavaTrainer, LossRecorder
 from llava_train.train.validate import check_train
 
@@ -37,28 +45,41 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
 
     `callbacks`: extra `TrainerCallback`s (e.g. a library user's own) added to the trainer."""
     check_train(cfg)
+    init_distributed(cfg.deepspeed)  # before TrainingArguments (ZeRO-3 batch check, partitioned init)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    checkpoint = resolve_checkpoint(cfg.model)
+    with main_process_first():
+        checkpoint = resolve_checkpoint(cfg.model)
     print(f"base checkpoint: {checkpoint}", flush=True)
     processor = load_processor(checkpoint)
     train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
 
+    args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
-                        zero_stage=cfg.deepspeed.stage)
-    trainer, losses = build_trainer(cfg, model, train_ds, processor, out)
+                        zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
+    preemption = Preemption(cfg.trainer.preemption_signals)
+    trainer, losses = build_trainer(cfg, model, train_ds, processor, out, args=args,
+                                    callbacks=[CheckpointSealer(), preemption, *callbacks])
     tracking = attach_callbacks(trainer, cfg, eval_ds, processor.tokenizer, out)
-    for callback in callbacks:
-        trainer.add_callback(callback)
+    resume_from = resolve_resume(cfg.trainer.resume, out)
+    if is_main_process():
+        drop_unsealed(out, resume_from)
+    if resume_from:
+        print(f"resuming from {resume_from}", flush=True)
     start = time.time()
-    trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - start
+    if preemption.preempted:
+        print(f"preempted: checkpoint saved to {preemption.checkpoint}; resume with trainer.resume=auto", flush=True)
+        teardown()
+        return {"preempted": True, "checkpoint": preemption.checkpoint, "loss_history": losses}
 
     final = out / FINAL
     trainer.save_model(str(final))
-    processor.save_pretrained(str(final))
+    if is_main_process():
+        processor.save_pretrained(str(final))
 
     results: dict[str, Any] = {
         "train_loss": losses[-1][1] if losses else None,
@@ -68,11 +89,16 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
         "train_samples": len(train_ds),
         "skipped_train_samples": dict(train_ds.skipped.counts),
         "base_checkpoint": checkpoint,
+        "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
+        "world_size": args.world_size,
     }
     if eval_ds is not None and cfg.eval.enabled:
-        results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out))
+        # every rank generates (ZeRO-3 gathers weights collectively); rank 0 writes
+        results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out if is_main_process() else None))
     tracking.finish(results, trainer.state.global_step, rows=cfg.eval.table_rows)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    if is_main_process():
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    teardown()
     return results
 
 
@@ -89,8 +115,12 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
 
 
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *,
-                gradient_checkpointing: bool = False, zero_stage: int = 0):
+                gradient_checkpointing: bool = False, zero_stage: int = 0, seed=None):
     model = load_model(model_cfg, checkpoint, quantization_config=quantization_config(peft_cfg, model_cfg))
+    if seed is not None:
+        # adapter init from the seed alone: loading draws random numbers under ZeRO-3's partitioned init
+        # (and when the tiny base is materialised) but not otherwise
+        torch.manual_seed(seed)
     model = apply_peft(model, peft_cfg, model_cfg, gradient_checkpointing=gradient_checkpointing,
                        zero_stage=zero_stage)
     print(f"method: {peft_cfg.method}, model.dtype: {model_cfg.dtype}", flush=True)
@@ -125,17 +155,19 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         seed=cfg.seed,
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
+        **distributed_arguments(cfg.deepspeed),
+        train_sampling_strategy=t.data_order,
     )
 
 
-def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path):
+def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, args=None, callbacks=()):
     recorder = LossRecorder()
     trainer = LlavaTrainer(
         model=model,
-        args=training_arguments(cfg, out),
+        args=args if args is not None else training_arguments(cfg, out),
         train_dataset=train_ds,
         data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
-        callbacks=[recorder],
+        callbacks=[recorder, *callbacks],
         optim_cfg=cfg.optim,
     )
     return trainer, recorder.losses

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import Trainer, TrainerCallback
 
 from llava_train.model.adapt import param_groups, save_unsaved_trainables
+from llava_train.train.distributed import VisionKeepAlive
 from llava_train.train.loss import sparse_lm_loss
 
 
@@ -18,9 +19,15 @@ class LlavaTrainer(Trainer):
     def __init__(self, *args, optim_cfg, **kwargs):
         super().__init__(*args, **kwargs)
         self.optim_cfg = optim_cfg
+        # several ranks: a text-only batch still runs the vision path (ZeRO-3 hang fix, see VisionKeepAlive)
+        self.vision_keepalive = VisionKeepAlive(self.model) if self.args.world_size > 1 else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
+        if self.vision_keepalive is not None:
+            with self.vision_keepalive.batch(inputs):
+                loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
+        else:
+            loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
         return (loss, outputs) if return_outputs else loss

@@ -11,6 +11,8 @@ from llava_train.data.templates import FAMILIES
 from llava_train.model.adapt import checkpoint_reentrant, target_problems
 from llava_train.model.load import DTYPES, checkpoint_config, meta_model, resolve_checkpoint
 from llava_train.model.quantize import STORAGE_DTYPES, compute_dtype, skip_problems
+from llava_train.train.distributed import check_deepspeed
+from llava_train.train.resume import check_resume_settings
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -45,6 +47,7 @@ def check_train(cfg: TrainJobConfig) -> None:
     if cfg.optim.lr <= 0:
         problems.append("optim.lr must be > 0")
     problems += model_problems(cfg)
+    problems += check_deepspeed(cfg.deepspeed, cfg.peft) + check_resume_settings(cfg.trainer)
     if problems:
         raise ConfigError(problems)
 
@@ -109,9 +112,6 @@ def _qlora_problems(cfg: TrainJobConfig) -> list[str]:
     if p.bits == 8 and ds.stage > 0:
         problems.append(f"peft.bits=8 (LLM.int8) does not work with DeepSpeed (deepspeed.stage={ds.stage}): "
                         "use 4-bit QLoRA or deepspeed=none")
-    if p.bits == 4 and ds.stage == 3 and p.quant_storage != m.dtype:
-        problems.append(f"QLoRA under ZeRO-3 needs the packed 4-bit weights stored in the model dtype so they can "
-                        f"be sharded: set peft.quant_storage={m.dtype} (now {p.quant_storage!r})")
     return problems
 
 

@@ -61,14 +61,6 @@ def test_valid_settings_pass_without_weights(config_only, method):
     check_train(job)
 
 
-def test_qlora_under_zero3_needs_quant_storage(config_only):
-    job = _job(config_only("bfloat16"), dtype="bf16")
-    job.peft.method, job.deepspeed.stage = "qlora", 3
-    _one(job, "ZeRO-3", "peft.quant_storage=bf16")
-    job.peft.quant_storage = "bf16"
-    check_train(job)
-
-
 def test_8bit_with_deepspeed_refused(config_only):
     job = _job(config_only())
     job.peft.method, job.peft.bits, job.deepspeed.stage = "qlora", 8, 2

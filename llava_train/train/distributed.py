@@ -1,0 +1,226 @@
+"""Running on several ranks: the DeepSpeed config, process-group setup/teardown, rank-0-only output,
+and the ZeRO-3 fix for ranks whose batch has no image.
+
+Launchers (launch/torchrun.sh, launch/deepspeed.sh, launch/slurm.sbatch, `accelerate launch --multi_gpu`)
+set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; a SLURM job started by the submitit Hydra launcher
+(one task per GPU) gets them from submitit's environment here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from llava_train.config import DeepSpeedConfig, PeftConfig
+from llava_train.constants import PIXEL_VALUES
+
+AUTO = "auto"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def main_print(*args: Any) -> None:
+    """print on rank 0 only."""
+    if is_main_process():
+        print(*args, flush=True)
+
+
+def check_deepspeed(cfg: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
+    """Problems with the DeepSpeed settings (collected by validate.check_train, before any weights load)."""
+    problems = []
+    if cfg.stage == 3 and peft.method == "qlora":
+        problems.append(
+            "peft.method=qlora with deepspeed.stage=3 is refused: ZeRO-3 partitions every parameter by "
+            "flattening it into the compute-dtype buffer it shards across ranks, and bitsandbytes' packed 4-bit "
+            "weights (uint8 storage plus per-block quantisation state) only survive that when stored in the "
+            "compute dtype (bnb_4bit_quant_storage), which llava-train does not set up or test yet; without it "
+            "the run fails or trains on corrupt weights. Use QLoRA with deepspeed=zero2 or deepspeed=none "
+            "(DDP), or peft=lora with deepspeed=zero3")
+    if cfg.stage not in (0, 2, 3):
+        problems.append(f"deepspeed.stage={cfg.stage}: use 0 (off), 2 or 3")
+    if cfg.offload_param and cfg.stage != 3:
+        problems.append("deepspeed.offload_param needs deepspeed.stage=3")
+    if cfg.offload_optimizer and cfg.stage == 0:
+        problems.append("deepspeed.offload_optimizer needs deepspeed.stage=2 or 3")
+    return problems
+
+
+def deepspeed_config(cfg: DeepSpeedConfig) -> Optional[dict[str, Any]]:
+    """The DeepSpeed JSON dict for `TrainingArguments(deepspeed=...)`, or None for stage 0.
+
+    Batch sizes, accumulation, clipping, precision and bucket sizes are "auto": HF Trainer fills them
+    from TrainingArguments and the model, so they can never disagree. No "optimizer"/"scheduler"
+    sections: the Trainer's own optimizer (with its per-module learning-rate groups) and scheduler are
+    handed to DeepSpeed."""
+    if cfg.stage == 0:
+        return None
+    zero: dict[str, Any] = {
+        "stage": cfg.stage,
+        "overlap_comm": cfg.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": AUTO,
+    }
+    if cfg.stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": AUTO,
+            "stage3_param_persistence_threshold": AUTO if cfg.param_persistence_threshold is None
+            else cfg.param_persistence_threshold,
+            "stage3_gather_16bit_weights_on_model_save": cfg.gather_16bit_weights_on_model_save,
+        })
+    else:
+        zero.update({"allgather_partitions": True, "reduce_scatter": True})
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": AUTO,
+        "train_batch_size": AUTO,
+        "gradient_accumulation_steps": AUTO,
+        "gradient_clipping": AUTO,
+        "bf16": {"enabled": AUTO},
+        "fp16": {"enabled": AUTO},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # the Trainer logs; DeepSpeed's own step printing is noise
+        "wall_clock_breakdown": False,
+    }
+    if cfg.offload_optimizer:
+        # The Trainer's torch optimizer (per-module learning rates) steps on the offloaded fp32 state;
+        # DeepSpeed otherwise insists on its own compiled CPU Adam.
+        out["zero_force_ds_cpu_optimizer"] = False
+    return out
+
+
+def distributed_arguments(cfg: DeepSpeedConfig) -> dict[str, Any]:
+    """`TrainingArguments` keywords for the launch: the DeepSpeed dict, and CPU DDP (gloo) when several
+    ranks run without GPUs (accelerate only picks its multi-CPU mode when told `cpu`; a single process is
+    left alone)."""
+    cpu_ranks = world_size() > 1 and not torch.cuda.is_available()
+    return {"deepspeed": deepspeed_config(cfg), "use_cpu": cpu_ranks}
+
+
+def _export_submitit_env() -> None:
+    """Under the submitit SLURM launcher (one task per GPU, no torchrun: SLURM_NTASKS > 1 but no RANK)
+    derive the torch.distributed variables from SLURM's, with submitit's own helper."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def init_distributed(cfg: DeepSpeedConfig) -> bool:
+    """Initialise the process group when launched on several ranks; returns whether it did.
+
+    Must run before `TrainingArguments` is built: with ZeRO-3 the Trainer's batch arithmetic check and
+    partitioned model init need the group (measured on CPU: without it the check fails). A single process
+    is left alone (no forced gloo backend)."""
+    _export_submitit_env()
+    if world_size() < 2 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.stage > 0:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        dist.init_process_group(backend=backend)
+    if not is_main_process():
+        # rank-0-only console output: other ranks' stdout goes nowhere (stderr, i.e. errors, stays).
+        sys.stdout = open(os.devnull, "w")
+    return True
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown() -> None:
+    """Destroy the process group (a 2-rank run that finished sometimes hung at exit without this)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. materialising a cache), the others after it."""
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()
+
+
+class VisionKeepAlive:
+    """ZeRO-3 fix for batches without images (the classic hang).
+
+    Under ZeRO-3 every module's weights are all-gathered when it runs, collectively and in the same order
+    on every rank. A rank whose batch is text-only never runs the vision tower and projector, so the
+    ranks that do wait forever for it. This runs them on one dummy base-size image at the place the real
+    forward does (right after the input embedding, via a forward hook on the embedding) and adds
+    0 * sum(features): same parameters gathered in the same order on every rank, zero effect on the loss
+    and on the gradients. It also keeps DDP's gradient buckets identical across ranks.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+
+        inner = [m for m in model.modules() if isinstance(m, LlavaNextModel)]
+        if len(inner) != 1:
+            raise ValueError(f"expected one LlavaNextModel inside {type(model).__name__}, found {len(inner)}")
+        self.llava = inner[0]
+        cfg = self.llava.config
+        self.side = cfg.vision_config.image_size
+        self.patches = image_size_to_num_patches((self.side, self.side), cfg.image_grid_pinpoints, self.side)
+        self.active = False
+        self.handle = None
+
+    @contextlib.contextmanager
+    def batch(self, inputs: dict) -> Iterator[None]:
+        """Within this block, the forward of a batch without pixel values also runs the vision path."""
+        if self.handle is None:
+            # Registered at the first batch, i.e. after DeepSpeed has added its own hooks: its post-forward
+            # hook must wrap the embedding output before ours adds the vision term, so that in backward the
+            # projector is reached before the embedding, as on ranks with images (DeepSpeed checks that all
+            # ranks record the same module order and stops with "Detected a disagreement" otherwise).
+            self.handle = self.llava.get_input_embeddings().register_forward_hook(self._hook)
+        self.active = PIXEL_VALUES not in inputs
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def _hook(self, module, args, output):
+        if not self.active:
+            return output
+        self.active = False  # once per forward
+        side = self.side
+        dtype = self.llava.vision_tower.dtype
+        pixels = torch.zeros((1, self.patches, 3, side, side), dtype=dtype, device=output.device)
+        sizes = torch.tensor([[side, side]], device=output.device)
+        feats = self.llava.get_image_features(pixels, sizes, return_dict=True).pooler_output
+        return output + 0.0 * sum(f.sum() for f in feats).to(output.dtype)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

@@ -1,0 +1,104 @@
+"""Rendering of the DeepSpeed config, up-front refusals, and the ZeRO-3 text-only fix's invariants (1 rank)."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from llava_train.cli import CONFIG_DIR
+from llava_train.config import DeepSpeedConfig
+from llava_train.train.distributed import VisionKeepAlive, deepspeed_config
+from llava_train.train.validate import ConfigError, check_train
+
+
+def _job(overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=overrides))
+
+
+@pytest.mark.parametrize("name,stage", [("none", 0), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_deepspeed_group_renders(name, stage):
+    ds = _job([f"deepspeed={name}"]).deepspeed
+    rendered = deepspeed_config(ds)
+    if stage == 0:
+        assert rendered is None
+        return
+    assert rendered["zero_optimization"]["stage"] == stage
+    # batch arithmetic, clipping and precision come from TrainingArguments, never duplicated
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert rendered[key] == "auto"
+    assert rendered["bf16"]["enabled"] == "auto" and "optimizer" not in rendered
+    if stage == 3:
+        assert rendered["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    if name == "zero3_offload":
+        assert rendered["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert rendered["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_deepspeed_auto_values_filled_by_trainer(tmp_path):
+    """HF fills every "auto" from TrainingArguments (single process: world size 1)."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                             max_grad_norm=0.5, deepspeed=deepspeed_config(DeepSpeedConfig(stage=2)))
+    cfg = args.hf_deepspeed_config.config
+    assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 6 and cfg["gradient_clipping"] == 0.5
+
+
+def test_qlora_with_zero3_refused_up_front_with_reason():
+    cfg = _job(["deepspeed=zero3", "peft.method=qlora", "data.train_path=/nonexistent.json"])
+    with pytest.raises(ConfigError) as err:
+        check_train(cfg)  # before any weights load
+    msg = [p for p in err.value.problems if "qlora" in p and "deepspeed.stage=3" in p]
+    assert msg, err.value.problems
+    assert "4-bit" in msg[0] and "deepspeed=zero2" in msg[0]  # the reason and what to do instead
+    assert any("data.train_path" in p for p in err.value.problems)  # reported together with the rest
+
+
+def test_bad_scale_out_settings_all_listed():
+    cfg = _job(["deepspeed.stage=1", "deepspeed.offload_param=true", "trainer.resume=/no/such/ckpt",
+                "trainer.data_order=shuffled", "trainer.preemption_signals=[SIGNOPE]"])
+    with pytest.raises(ConfigError) as err:
+        check_train(cfg)
+    text = str(err.value)
+    for needle in ("deepspeed.stage=1", "offload_param", "trainer.resume", "data_order", "SIGNOPE"):
+        assert needle in text, (needle, text)
+
+
+def test_vision_keepalive_runs_vision_with_zero_effect(tiny_model):
+    """A text-only batch through the fix: the vision tower and projector do run (so ZeRO-3 gathers them on
+    this rank too), and the loss and every gradient stay exactly what they are without it."""
+    model = tiny_model
+    ids = torch.tensor([[1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793, 5936, 2]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    called = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *a: called.append(1))
+
+    def loss_and_grads(keepalive):
+        model.zero_grad()
+        if keepalive:
+            with keepalive.batch(batch):
+                loss = model(**batch).loss
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads(None)
+    assert not called
+    keep = VisionKeepAlive(model)
+    kept_loss, kept = loss_and_grads(keep)
+    assert called  # the vision path ran for a batch without images
+    assert kept_loss == plain_loss
+    for n, g in plain.items():
+        assert torch.equal(g, kept[n]), n
+    assert all(kept[n].abs().sum() == 0 for n in kept if "multi_modal_projector" in n)
+    # a batch with images is left alone (the real forward already runs the vision path)
+    called.clear()
+    with keep.batch({**batch, "pixel_values": None}):
+        model(**batch)
+    assert not called
+    keep.remove()
+    hook.remove()
