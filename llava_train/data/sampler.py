@@ -199,3 +199,23 @@ def has_image_flags(dataset) -> Optional[list[bool]]:
     if hasattr(dataset, "items"):
         return [bool(conv.images) for conv, _ in dataset.items]
     return None
+
+
+def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: int, seed: int):
+    """(collator, batch sampler or None) for a `DataConfig`: the one place the batching keys are read."""
+    from llava_train.data.collate import Collator
+    from llava_train.data.packing import PackingCollator
+
+    if cfg.packing:
+        collator = PackingCollator(pad_token_id=pad_token_id, max_length=cfg.max_length,
+                                   pad_to_multiple_of=cfg.pad_to_multiple_of)
+    else:
+        collator = Collator(pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    if not (cfg.packing or cfg.group_by_length or cfg.group_by_modality or cfg.max_tokens_per_batch):
+        return collator, None  # HF Trainer's random sampler
+    spec = PlanSpec(batch_size=batch_size, group_by_length=cfg.group_by_length,
+                    group_by_modality=cfg.group_by_modality, max_tokens=cfg.max_tokens_per_batch,
+                    pack_length=cfg.max_length if cfg.packing else None, megabatch=cfg.group_window,
+                    world_size=world_size)
+    flags = has_image_flags(dataset) if cfg.group_by_modality else None
+    return collator, PlanSampler(dataset.lengths, flags, spec, seed=seed)
