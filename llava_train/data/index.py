@@ -1,11 +1,10 @@
 """A lazy index for very large data files (`data.lazy_index=true`), e.g. the 665k-sample LLaVA mix.
 
-At start the file is scanned once in chunks: every record is parsed by the C JSON decoder only to
-find where it is (byte offset and size) and to *estimate* its length, then dropped. Nothing is
-tokenised and no image is opened; per sample the index keeps 17 bytes (offset, size, estimated
-length, has-image). The estimate is text characters / `CHARS_PER_TOKEN` plus a per-turn allowance
-plus, per image, the exact token count of an assumed size (`data.lazy_image_hw`): good enough to
-group by length and modality.
+At start the file's raw bytes are scanned once, vectorised and in chunks (`LazyIndex`): where each
+record is (byte offset and size), how many turns and images it has. Nothing is parsed, tokenised or
+opened; per sample the index keeps 17 bytes (offset, size, estimated length, has-image). The length
+estimate is text bytes / `CHARS_PER_TOKEN` plus a per-turn allowance plus, per image, the exact token
+count of an assumed size (`data.lazy_image_hw`): good enough to group by length and modality.
 
 `LazyConversationDataset.__getitem__` (in DataLoader workers) reads one record, validates, reads the
 image headers, encodes and decodes pixels. A sample that fails there is an error (data.on_error=error)
@@ -16,11 +15,11 @@ silent.
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import multiprocessing
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,26 +39,28 @@ CHARS_PER_TOKEN = 3.6
 benchmarks/data_pipeline.py on the generated mix)."""
 TOKENS_PER_TURN = 6  # template scaffolding per turn ([INST] ... [/INST], </s>)
 CHUNK = 32 << 20  # bytes read per step of the scan
-_WS = " \t\r\n,"
 
 
 class LazyIndex:
-    """Byte offsets and estimated lengths of the records of a LLaVA JSON list or a JSONL file."""
+    """Byte offsets and estimated lengths of the records of a LLaVA JSON list or a JSONL file.
+
+    The scan is vectorised over raw bytes (numpy), `CHUNK` bytes at a time: unescaped quotes give the
+    string state, braces outside strings give each top-level object's start and end. Per record it
+    counts turns (`"from"`/`"role"` keys) and images (`<image>` placeholders, `{"type": "image"}` parts);
+    text characters are the record's bytes minus the JSON scaffolding of its turns. No record is parsed:
+    a malformed one fails when it is fetched (counted like any bad sample).
+    """
 
     def __init__(self, path: str | Path, *, image_tokens: int):
         self.path = Path(path)
         self.image_tokens = image_tokens
-        offsets, sizes, lengths, images = [], [], [], []
-        for off, size, record in _scan(self.path):
-            offsets.append(off)
-            sizes.append(size)
-            n_img, chars, turns = _shape(record)
-            lengths.append(int(chars / CHARS_PER_TOKEN) + TOKENS_PER_TURN * turns + n_img * (image_tokens - 1))
-            images.append(n_img > 0)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.sizes = np.asarray(sizes, dtype=np.int32)
-        self.lengths = np.asarray(lengths, dtype=np.int32)
-        self.has_image = np.asarray(images, dtype=bool)
+        starts, ends, turns, images = _scan(self.path)
+        self.offsets = starts
+        self.sizes = (ends - starts).astype(np.int32)
+        text_bytes = np.maximum(self.sizes - RECORD_OVERHEAD - TURN_OVERHEAD * turns, 0)
+        est = text_bytes / CHARS_PER_TOKEN + TOKENS_PER_TURN * turns + images * (image_tokens - 1)
+        self.lengths = est.astype(np.int32)
+        self.has_image = images > 0
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -69,73 +70,69 @@ class LazyIndex:
         return json.loads(f.read(int(self.sizes[i])))
 
 
-def _shape(record: Any) -> tuple[int, int, int]:
-    """(images, text characters, turns) of a raw LLaVA or messages record, without validating it."""
-    if not isinstance(record, dict):
-        return 0, 0, 0
-    turns = record.get("conversations") or record.get("messages") or []
-    chars = 0
-    n_img = 0
-    for t in turns if isinstance(turns, list) else []:
-        if not isinstance(t, dict):
-            continue
-        v = t.get("value", t.get("content"))
-        if isinstance(v, str):
-            chars += len(v)
-            n_img += v.count(IMAGE_TOKEN)
-        elif isinstance(v, list):
-            for part in v:
-                if isinstance(part, dict):
-                    chars += len(part.get("text") or "")
-                    n_img += part.get("type") == "image"
-    return n_img, chars, len(turns) if isinstance(turns, list) else 0
+RECORD_OVERHEAD = 70  # bytes of {"id": ..., "image": ..., "conversations": [...]} around the turns
+TURN_OVERHEAD = 34  # bytes of {"from": "human", "value": ""}, around one turn's text
+_TURN = re.compile(rb'"(?:from|role)"\s*:')
+_IMAGE = re.compile(re.escape(IMAGE_TOKEN.encode()) + rb'|"type"\s*:\s*"image"')
 
 
-def _scan(path: Path):
-    """Yield (byte offset, byte size, parsed record) for each record, reading `CHUNK` bytes at a time."""
-    if path.suffix == ".jsonl":
-        off = 0
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f):
-                if line.strip():
-                    try:
-                        yield off, len(line), json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"malformed JSON on line {lineno + 1}: {exc.msg}; fix or remove that line",
-                                        source=str(path), index=lineno, kind="malformed_json") from None
-                off += len(line)
-        return
-    decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8")()
+def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(start offsets, end offsets, turns, images) of every top-level JSON object in the file."""
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    turn_pos: list[np.ndarray] = []
+    image_pos: list[np.ndarray] = []
+    in_string, depth, base, tail = False, 0, 0, b""
     with open(path, "rb") as f:
-        buf, pos, bpos, eof, started, index = "", 0, 0, False, False, 0
         while True:
-            while pos < len(buf) and buf[pos] in _WS:  # separators are ASCII: one char, one byte
-                pos, bpos = pos + 1, bpos + 1
-            if not started and pos < len(buf):
-                if buf[pos] != "[":
-                    raise DataError("expected a JSON list of samples (or use .jsonl, one sample per line)",
-                                    source=str(path))
-                pos, bpos, started = pos + 1, bpos + 1, True
-                continue
-            if pos < len(buf) and buf[pos] == "]":
-                return
-            try:
-                if pos >= len(buf):
-                    raise json.JSONDecodeError("need more", buf, pos)
-                record, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError as exc:
-                if eof:
-                    raise DataError(f"malformed JSON near sample #{index}: {exc.msg}", source=str(path), index=index,
-                                    kind="malformed_json") from None
-                chunk = f.read(CHUNK)
-                eof = not chunk
-                buf = buf[pos:] + utf8.decode(chunk, final=eof)
-                pos = 0
-                continue
-            size = len(buf[pos:end].encode("utf-8"))
-            yield bpos, size, record
-            pos, bpos, index = end, bpos + size, index + 1
+            chunk = f.read(CHUNK)
+            if not chunk:
+                break
+            a = np.frombuffer(chunk, dtype=np.uint8)
+            q = np.flatnonzero(a == 34)  # '"'
+            if len(q):  # a quote after an odd run of backslashes is escaped (rare: look each one up)
+                maybe = q[(q > 0) & (a[np.maximum(q - 1, 0)] == 92)]
+                if len(q) and q[0] == 0 and tail.endswith(b"\\"):
+                    maybe = np.concatenate([[0], maybe])
+                if len(maybe):
+                    keep = np.ones(len(q), dtype=bool)
+                    ctx = tail + chunk
+                    for p in maybe.tolist():
+                        k, run = p + len(tail) - 1, 0
+                        while k >= 0 and ctx[k] == 92:
+                            run, k = run + 1, k - 1
+                        if run % 2:
+                            keep[np.searchsorted(q, p)] = False
+                    q = q[keep]
+            b = np.flatnonzero((a == 123) | (a == 125))  # '{' '}'
+            outside = ((np.searchsorted(q, b) + in_string) % 2) == 0
+            b = b[outside]
+            step = np.where(a[b] == 123, 1, -1)
+            level = depth + np.cumsum(step)
+            starts.append(base + b[(step == 1) & (level == 1)])
+            ends.append(base + b[(step == -1) & (level == 0)] + 1)
+            if len(level):
+                depth = int(level[-1])
+            in_string = bool((len(q) + in_string) % 2)
+            ctx = tail + chunk  # a key may straddle the border: count matches that end in this chunk
+            for pattern, found in ((_TURN, turn_pos), (_IMAGE, image_pos)):
+                found.append(base - len(tail) + np.fromiter(
+                    (m.start() for m in pattern.finditer(ctx) if m.end() > len(tail)), dtype=np.int64))
+            base += len(chunk)
+            tail = (tail + chunk)[-64:]
+    s = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+    e = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
+    if len(s) != len(e) or depth != 0:
+        raise DataError(f"unbalanced JSON: {len(s)} object start(s), {len(e)} end(s); the file is truncated or "
+                        "malformed", source=str(path), kind="malformed_json")
+
+    def per_record(pos: list[np.ndarray]) -> np.ndarray:
+        p = np.concatenate(pos) if pos else np.zeros(0, dtype=np.int64)
+        k = np.searchsorted(s, p, side="right") - 1
+        k = k[(k >= 0) & (p < e[np.maximum(k, 0)])]
+        return np.bincount(k, minlength=len(s)).astype(np.int32)
+
+    return s.astype(np.int64), e.astype(np.int64), per_record(turn_pos), per_record(image_pos)
 
 
 class LazyConversationDataset(torch.utils.data.Dataset):

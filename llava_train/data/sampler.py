@@ -11,7 +11,7 @@ epoch, built from the samples' total lengths (text + image tokens, known before 
    sorted by length, so neighbours have similar lengths (and, for images, similar patch counts);
 4. batches are cut: `batch_size` samples, or as many as fit `max_tokens` padded tokens
    (batch size x longest), or, for packing, `batch_size` rows of at most `max_length` tokens each
-   (first-fit decreasing);
+   (first-fit decreasing; rows of similar fill share a batch; modalities may share a row);
 5. the batch order is shuffled (the largest batch goes first, so an out-of-memory shows at step 1);
 6. for `world_size` ranks the count is made a multiple of `world_size` by splitting the largest
    batches, never by repeating samples: batch k goes to rank k % world_size, so every sample is seen
@@ -89,6 +89,7 @@ def _cut(pool: list[int], lengths: Sequence[int], spec: PlanSpec) -> list[list[i
             chunk = sorted(chunk, key=lambda i: -lengths[i])
         if spec.pack_length:
             rows = pack_bins(chunk, lengths, spec.pack_length)
+            rows.sort(key=lambda r: -sum(lengths[i] for i in r))  # rows of similar fill share a batch
             for k in range(0, len(rows), spec.batch_size):
                 batches.append([i for row in rows[k: k + spec.batch_size] for i in row])
         elif spec.max_tokens:
@@ -118,7 +119,8 @@ def plan_epoch(lengths: Sequence[int], has_image: Optional[Sequence[bool]], spec
         raise ValueError(f"{n} sample(s) cannot feed {spec.world_size} ranks; use more data or fewer ranks")
     rng = _rng(seed, epoch)
     order = rng.permutation(n).tolist()
-    if spec.group_by_modality and has_image is not None:
+    # Packed rows may mix text-only and image samples (each keeps its images); a batch plan never does.
+    if spec.group_by_modality and has_image is not None and not spec.pack_length:
         pools = [[i for i in order if not has_image[i]], [i for i in order if has_image[i]]]
     else:
         pools = [order]
