@@ -19,7 +19,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -72,8 +71,17 @@ class LazyIndex:
 
 RECORD_OVERHEAD = 70  # bytes of {"id": ..., "image": ..., "conversations": [...]} around the turns
 TURN_OVERHEAD = 34  # bytes of {"from": "human", "value": ""}, around one turn's text
-_TURN = re.compile(rb'"(?:from|role)"\s*:')
-_IMAGE = re.compile(re.escape(IMAGE_TOKEN.encode()) + rb'|"type"\s*:\s*"image"')
+_TURN = (b'"from":', b'"from" :', b'"role":', b'"role" :')
+_IMAGE = (IMAGE_TOKEN.encode(), b'"type": "image"', b'"type":"image"')
+_LONGEST = max(len(p) for p in _TURN + _IMAGE)
+
+
+def _match(a: np.ndarray, candidates: np.ndarray, pat: bytes) -> np.ndarray:
+    """Those `candidates` (positions of `pat[0]` in `a`) where the whole of `pat` starts."""
+    at = candidates[candidates <= len(a) - len(pat)]
+    for k in range(1, len(pat)):
+        at = at[a[at + k] == pat[k]]
+    return at
 
 
 def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -88,23 +96,32 @@ def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             chunk = f.read(CHUNK)
             if not chunk:
                 break
-            a = np.frombuffer(chunk, dtype=np.uint8)
-            q = np.flatnonzero(a == 34)  # '"'
+            # Work on the last bytes of the previous chunk + this chunk: keys and escapes may straddle.
+            pre = tail[-_LONGEST:]
+            skip = len(pre)
+            ctx = np.frombuffer(pre + chunk, dtype=np.uint8)
+            quotes = np.flatnonzero(ctx == 34)  # '"' (one pass, reused for the keys below)
+            angles = np.flatnonzero(ctx == 60)  # '<'
+            for patterns, found in ((_TURN, turn_pos), (_IMAGE, image_pos)):
+                for pat in patterns:
+                    at = _match(ctx, quotes if pat[0] == 34 else angles, pat)
+                    found.append(base - skip + at[at + len(pat) > skip])
+            q = quotes[quotes >= skip] - skip
+            a = ctx[skip:]
             if len(q):  # a quote after an odd run of backslashes is escaped (rare: look each one up)
-                maybe = q[(q > 0) & (a[np.maximum(q - 1, 0)] == 92)]
-                if len(q) and q[0] == 0 and tail.endswith(b"\\"):
-                    maybe = np.concatenate([[0], maybe])
+                maybe = q[ctx[q + skip - 1] == 92] if skip else q[(q > 0) & (a[np.maximum(q - 1, 0)] == 92)]
                 if len(maybe):
                     keep = np.ones(len(q), dtype=bool)
-                    ctx = tail + chunk
+                    full = tail + chunk
                     for p in maybe.tolist():
                         k, run = p + len(tail) - 1, 0
-                        while k >= 0 and ctx[k] == 92:
+                        while k >= 0 and full[k] == 92:
                             run, k = run + 1, k - 1
                         if run % 2:
                             keep[np.searchsorted(q, p)] = False
                     q = q[keep]
-            b = np.flatnonzero((a == 123) | (a == 125))  # '{' '}'
+            b = np.flatnonzero((a & 0xF9) == 0x79)  # '{' 0x7B, '}' 0x7D (and 'y', DEL: dropped next)
+            b = b[(a[b] == 123) | (a[b] == 125)]
             outside = ((np.searchsorted(q, b) + in_string) % 2) == 0
             b = b[outside]
             step = np.where(a[b] == 123, 1, -1)
@@ -114,10 +131,6 @@ def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             if len(level):
                 depth = int(level[-1])
             in_string = bool((len(q) + in_string) % 2)
-            ctx = tail + chunk  # a key may straddle the border: count matches that end in this chunk
-            for pattern, found in ((_TURN, turn_pos), (_IMAGE, image_pos)):
-                found.append(base - len(tail) + np.fromiter(
-                    (m.start() for m in pattern.finditer(ctx) if m.end() > len(tail)), dtype=np.int64))
             base += len(chunk)
             tail = (tail + chunk)[-64:]
     s = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
