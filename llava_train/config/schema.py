@@ -85,6 +85,9 @@ class DataConfig:
     lazy_index: bool = False
     # Image (height, width) the lazy index assumes for token estimates (COCO's typical 480x640).
     lazy_image_hw: list[int] = field(default_factory=lambda: [480, 640])
+    # Save the lazy index next to the data file (<name>.lazyindex.npz, keyed by size and mtime) so other
+    # ranks and restarts load it instead of scanning; skipped when the folder is not writable.
+    lazy_index_cache: bool = True
 
 
 @dataclass

@@ -15,6 +15,7 @@ silent.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import multiprocessing
@@ -50,10 +51,10 @@ class LazyIndex:
     a malformed one fails when it is fetched (counted like any bad sample).
     """
 
-    def __init__(self, path: str | Path, *, image_tokens: int):
+    def __init__(self, path: str | Path, *, image_tokens: int, cache: bool = False):
         self.path = Path(path)
         self.image_tokens = image_tokens
-        starts, ends, turns, images = _scan(self.path)
+        starts, ends, turns, images = _cached_scan(self.path) if cache else _scan(self.path)
         self.offsets = starts
         self.sizes = (ends - starts).astype(np.int32)
         text_bytes = np.maximum(self.sizes - RECORD_OVERHEAD - TURN_OVERHEAD * turns, 0)
@@ -74,6 +75,33 @@ TURN_OVERHEAD = 34  # bytes of {"from": "human", "value": ""}, around one turn's
 _TURN = (b'"from":', b'"from" :', b'"role":', b'"role" :')
 _IMAGE = (IMAGE_TOKEN.encode(), b'"type": "image"', b'"type":"image"')
 _LONGEST = max(len(p) for p in _TURN + _IMAGE)
+
+
+_CACHE_VERSION = 1
+
+
+def _cached_scan(path: Path):
+    """`_scan`, saved next to the data file as `<name>.lazyindex.npz` (keyed by size and mtime) under a file
+    lock: with several ranks one scans and the others load; a restart loads. Unwritable folder: just scan."""
+    cache = path.with_name(path.name + ".lazyindex.npz")
+    stat = path.stat()
+    key = np.asarray([_CACHE_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+    try:
+        lock = open(path.with_name(path.name + ".lazyindex.lock"), "w")
+    except OSError:
+        return _scan(path)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if cache.exists():
+            with np.load(cache) as z:
+                if np.array_equal(z["key"], key):
+                    return z["starts"], z["ends"], z["turns"], z["images"]
+        starts, ends, turns, images = _scan(path)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, key=key, starts=starts, ends=ends, turns=turns, images=images)
+        os.replace(tmp, cache)
+        log.info("lazy index of %s saved to %s", path, cache)
+    return starts, ends, turns, images
 
 
 def _match(a: np.ndarray, candidates: np.ndarray, pat: bytes) -> np.ndarray:
@@ -160,7 +188,8 @@ class LazyConversationDataset(torch.utils.data.Dataset):
         self.image_processor = image_processor
         h, w = cfg.lazy_image_hw
         geo: Optional[ImageGeometry] = encoder.geometry
-        self.index = LazyIndex(self.path, image_tokens=num_image_tokens(h, w, geo) if geo else 1)
+        self.index = LazyIndex(self.path, image_tokens=num_image_tokens(h, w, geo) if geo else 1,
+                               cache=cfg.lazy_index_cache)
         if not len(self.index):
             raise DataError("no samples", source=str(self.path))
         self.lengths = self.index.lengths

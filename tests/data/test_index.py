@@ -93,3 +93,15 @@ def test_fetch_errors_counted_or_raised(tmp_path, processor, encoder):
                                      processor.image_processor)
     with pytest.raises(DataError, match="not found"):
         strict[1]
+
+
+def test_cache_reused_and_invalidated(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(TRICKY))
+    first = LazyIndex(path, image_tokens=10, cache=True)
+    cache = tmp_path / "d.json.lazyindex.npz"
+    assert cache.exists()
+    again = LazyIndex(path, image_tokens=10, cache=True)
+    assert again.offsets.tolist() == first.offsets.tolist() and again.lengths.tolist() == first.lengths.tolist()
+    path.write_text(json.dumps(TRICKY[:2]))  # changed file: the cache is rebuilt
+    assert len(LazyIndex(path, image_tokens=10, cache=True)) == 2
