@@ -221,3 +221,25 @@ def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: in
                     world_size=world_size)
     flags = has_image_flags(dataset) if cfg.group_by_modality else None
     return collator, PlanSampler(dataset.lengths, flags, spec, seed=seed)
+
+
+def batching_problems(cfg) -> list[str]:
+    """Problems with the batching keys of a `DataConfig` (collected by train/validate.py)."""
+    problems = []
+    if cfg.packing and cfg.max_tokens_per_batch:
+        problems.append("data.packing and data.max_tokens_per_batch exclude each other: packing fills rows of "
+                        "data.max_length; set one of them")
+    if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < cfg.max_length:
+        problems.append(f"data.max_tokens_per_batch={cfg.max_tokens_per_batch} is below data.max_length="
+                        f"{cfg.max_length}: a long sample could not form a batch; raise it")
+    if cfg.pad_to_multiple_of < 1:
+        problems.append("data.pad_to_multiple_of must be >= 1")
+    if cfg.group_window < 1:
+        problems.append("data.group_window must be >= 1")
+    if cfg.num_workers < 0:
+        problems.append("data.num_workers must be >= 0")
+    if cfg.prefetch_factor is not None and (cfg.num_workers == 0 or cfg.prefetch_factor < 1):
+        problems.append("data.prefetch_factor needs data.num_workers > 0 and a value >= 1")
+    if len(cfg.lazy_image_hw) != 2 or min(cfg.lazy_image_hw) < 1:
+        problems.append(f"data.lazy_image_hw={list(cfg.lazy_image_hw)} must be [height, width] in pixels")
+    return problems

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from llava_train.config import TrainJobConfig
+from llava_train.data.sampler import batching_problems
 from llava_train.data.templates import FAMILIES
 
 
@@ -40,6 +41,7 @@ def check_train(cfg: TrainJobConfig) -> None:
         problems.append(f"data.overflow={cfg.data.overflow!r}: use skip or error")
     if cfg.data.on_error not in ("skip", "error"):
         problems.append(f"data.on_error={cfg.data.on_error!r}: use skip or error")
+    problems += batching_problems(cfg.data)
     if cfg.trainer.max_steps <= 0 and cfg.trainer.num_train_epochs <= 0:
         problems.append("set trainer.max_steps > 0 or trainer.num_train_epochs > 0")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):

@@ -92,3 +92,30 @@ def test_packed_layout(items):
     order = [i for r in rows for i in r]
     sizes = [s for i in order for s in items[i].get(IMAGE_SIZES, [])]
     assert batch[PIXEL_VALUES].shape[0] == n_images and batch[IMAGE_SIZES].tolist() == sizes
+
+
+@pytest.mark.slow
+def test_trainer_hook_feeds_packed_batches(tiny_dir, processor, encoder, tmp_path):
+    """`LlavaTrainer.get_train_dataloader` serves the batch plan; packed steps train with a finite loss."""
+    from transformers import LlavaNextForConditionalGeneration, TrainingArguments
+
+    from llava_train.config import OptimConfig
+    from llava_train.data.sampler import batching
+    from llava_train.train.trainer import LlavaTrainer
+
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(mixed_rows()))
+    cfg = DataConfig(train_path=str(path), image_root=str(DEMO), packing=True, max_length=512)
+    ds = ConversationDataset(str(path), cfg, encoder, processor.image_processor)
+    collate, sampler = batching(cfg, ds, 0, batch_size=2, world_size=1, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                             logging_steps=1, learning_rate=1e-3)
+    model = LlavaNextForConditionalGeneration.from_pretrained(str(tiny_dir))
+    trainer = LlavaTrainer(model=model, args=args, train_dataset=ds, data_collator=collate,
+                           optim_cfg=OptimConfig(lr=1e-3), train_batch_sampler=sampler)
+    batches = list(trainer.get_train_dataloader())
+    assert len(batches) == len(sampler) and all(POSITION_IDS in b for b in batches)
+    assert sum(b[INPUT_IDS].shape[0] for b in batches) < len(ds)  # rows hold several samples
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))

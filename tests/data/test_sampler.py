@@ -106,3 +106,14 @@ def test_distributed_shards_cover_every_sample_once(world, spec):
 def test_too_few_samples_for_ranks():
     with pytest.raises(ValueError, match="cannot feed 4 ranks"):
         plan_epoch([10, 20, 30], None, PlanSpec(batch_size=2, world_size=4), seed=0, epoch=0)
+
+
+def test_bad_batching_settings_listed_together():
+    from llava_train.config import DataConfig
+    from llava_train.data.sampler import batching_problems
+
+    cfg = DataConfig(train_path="x", max_length=4096, packing=True, max_tokens_per_batch=1000, pad_to_multiple_of=0,
+                     prefetch_factor=2)
+    problems = batching_problems(cfg)
+    assert len(problems) == 4, problems
+    assert batching_problems(DataConfig(train_path="x")) == []
