@@ -75,6 +75,7 @@ TURN_OVERHEAD = 34  # bytes of {"from": "human", "value": ""}, around one turn's
 _TURN = (b'"from":', b'"from" :', b'"role":', b'"role" :')
 _IMAGE = (IMAGE_TOKEN.encode(), b'"type": "image"', b'"type":"image"')
 _LONGEST = max(len(p) for p in _TURN + _IMAGE)
+assert all(p[0] in (34, 60) for p in _TURN + _IMAGE)  # '"' or '<': the candidates _scan gathers
 
 
 _CACHE_VERSION = 1
@@ -104,10 +105,11 @@ def _cached_scan(path: Path):
     return starts, ends, turns, images
 
 
-def _match(a: np.ndarray, candidates: np.ndarray, pat: bytes) -> np.ndarray:
-    """Those `candidates` (positions of `pat[0]` in `a`) where the whole of `pat` starts."""
-    at = candidates[candidates <= len(a) - len(pat)]
-    for k in range(1, len(pat)):
+def _match(a: np.ndarray, candidates: np.ndarray, second: np.ndarray, pat: bytes) -> np.ndarray:
+    """Those `candidates` (positions of `pat[0]` in `a`; `second`: the byte after each) where `pat` starts."""
+    at = candidates[second == pat[1]]
+    at = at[at <= len(a) - len(pat)]
+    for k in range(2, len(pat)):
         at = at[a[at + k] == pat[k]]
     return at
 
@@ -130,9 +132,11 @@ def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             ctx = np.frombuffer(pre + chunk, dtype=np.uint8)
             quotes = np.flatnonzero(ctx == 34)  # '"' (one pass, reused for the keys below)
             angles = np.flatnonzero(ctx == 60)  # '<'
+            after = {34: (quotes, ctx[np.minimum(quotes + 1, len(ctx) - 1)]),
+                     60: (angles, ctx[np.minimum(angles + 1, len(ctx) - 1)])}  # gathered once per chunk
             for patterns, found in ((_TURN, turn_pos), (_IMAGE, image_pos)):
                 for pat in patterns:
-                    at = _match(ctx, quotes if pat[0] == 34 else angles, pat)
+                    at = _match(ctx, *after[pat[0]], pat)
                     found.append(base - skip + at[at + len(pat) > skip])
             q = quotes[quotes >= skip] - skip
             a = ctx[skip:]
