@@ -53,8 +53,8 @@ def test_items_equal_eager(processor, encoder):
     path = str(DEMO / "eval.json")
     cfg = DataConfig(train_path=path)
     eager = ConversationDataset(path, cfg, encoder, processor.image_processor)
-    lazy = LazyConversationDataset(path, DataConfig(train_path=path, lazy_image_hw=[40, 30]), encoder,
-                                   processor.image_processor)
+    lazy = LazyConversationDataset(path, DataConfig(train_path=path, lazy_image_hw=[40, 30], lazy_index_cache=False),
+                                   encoder, processor.image_processor)  # no cache file next to the repo's data
     assert len(lazy) == len(eager)
     for i in (0, 5, len(eager) - 1):
         a, b = eager[i], lazy[i]
