@@ -98,6 +98,30 @@ class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=list)
     # Seed of the subsampling that fractional source weights do.
     mix_seed: int = 0
+    # Batches of similar total length (text + image tokens), cut from shuffled windows (data/sampler.py).
+    group_by_length: bool = True
+    # Text-only and image samples never share a batch (needs nothing but the index).
+    group_by_modality: bool = True
+    # Token budget: batches as large as fit this many padded tokens (batch size x longest); None: fixed
+    # per_device_train_batch_size. Batches are then variable-sized and sorted by length.
+    max_tokens_per_batch: Optional[int] = None
+    # Several samples per row up to max_length (position ids restart per sample, attention stays inside
+    # each sample; data/packing.py). per_device_train_batch_size then counts rows.
+    packing: bool = False
+    # Round the padded length up to a multiple of this (8 or 64 suits tensor cores; 1 on CPU).
+    pad_to_multiple_of: int = 1
+    # Batches each DataLoader worker prepares ahead (None: torch's default 2; only with num_workers > 0).
+    prefetch_factor: Optional[int] = None
+    # Batches per sorting window of the length grouping (larger: less padding, less random batches).
+    group_window: int = 64
+    # Lazy index for very large sets (data/index.py): no tokenisation or image reads at start; lengths
+    # estimated from text size and an assumed image size; bad samples counted when fetched.
+    lazy_index: bool = False
+    # Image (height, width) the lazy index assumes for token estimates (COCO's typical 480x640).
+    lazy_image_hw: list[int] = field(default_factory=lambda: [480, 640])
+    # Save the lazy index next to the data file (<name>.lazyindex.npz, keyed by size and mtime) so other
+    # ranks and restarts load it instead of scanning; skipped when the folder is not writable.
+    lazy_index_cache: bool = True
 
 
 @dataclass

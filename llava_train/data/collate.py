@@ -32,6 +32,7 @@ class Collator:
     pad_to_multiple_of: int = 1
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        items = [it for it in items if it is not None]  # samples that failed at fetch (counted by the dataset)
         longest = max(len(it[INPUT_IDS]) for it in items)
         m = self.pad_to_multiple_of
         longest = ((longest + m - 1) // m) * m

@@ -15,9 +15,10 @@ import torch
 from transformers import TrainingArguments
 
 from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainJobConfig
-from llava_train.data.collate import Collator
 from llava_train.data.dataset import ConversationDataset, Encoder
 from llava_train.data.images import ImageGeometry
+from llava_train.data.index import LazyConversationDataset
+from llava_train.data.sampler import batching
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
@@ -105,7 +106,10 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
 def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
     encoder = Encoder.from_config(processor.tokenizer, get_family(model_cfg.family),
                                   ImageGeometry.from_processor(processor), cfg)
-    train = ConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
+    if cfg.lazy_index:  # very large sets: no tokenisation or image reads at start (data/index.py)
+        train = LazyConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
+    else:
+        train = ConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
     print(f"train: {len(train)} samples from {cfg.train_path} ({train.skipped.summary()})", flush=True)
     evals = None
     if cfg.eval_path:
@@ -162,13 +166,19 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
 
 def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, args=None, callbacks=()):
     recorder = LossRecorder()
+    args = args if args is not None else training_arguments(cfg, out)
+    collator, sampler = batching(cfg.data, train_ds, processor.tokenizer.pad_token_id,
+                                 batch_size=args.per_device_train_batch_size, world_size=args.world_size,
+                                 seed=cfg.seed)
     trainer = LlavaTrainer(
         model=model,
-        args=args if args is not None else training_arguments(cfg, out),
+        args=args,
         train_dataset=train_ds,
-        data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
+        data_collator=collator,
         callbacks=[recorder, *callbacks],
         optim_cfg=cfg.optim,
+        train_batch_sampler=sampler,
+        prefetch_factor=cfg.data.prefetch_factor,
     )
     return trainer, recorder.losses
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from llava_train.model.adapt import param_groups, save_unsaved_trainables
@@ -16,11 +17,31 @@ class LlavaTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, optim_cfg, **kwargs):
+    def __init__(self, *args, optim_cfg, train_batch_sampler=None, prefetch_factor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.optim_cfg = optim_cfg
         # several ranks: a text-only batch still runs the vision path (ZeRO-3 hang fix, see VisionKeepAlive)
         self.vision_keepalive = VisionKeepAlive(self.model) if self.args.world_size > 1 else None
+        self.train_batch_sampler = train_batch_sampler  # a global batch plan (data/sampler.py) or None
+        self.prefetch_factor = prefetch_factor
+
+    def get_train_dataloader(self):
+        """With a batch plan: its batches (grouped / token-budget / packed). The plan yields the global
+        list of batches; accelerate's `BatchSamplerShard` (batch_size None: variable-sized batches) hands
+        batch k to rank k % world_size, the plan's own split, and `skip_first_batches` resumes it."""
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        workers = self.args.dataloader_num_workers
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        )
+        return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.vision_keepalive is not None:

@@ -7,6 +7,7 @@ import os
 
 from llava_train.config import TrainJobConfig
 from llava_train.data.dataset import check_data
+from llava_train.data.sampler import batching_problems
 from llava_train.data.templates import FAMILIES
 from llava_train.model.adapt import checkpoint_reentrant, target_problems
 from llava_train.model.load import DTYPES, checkpoint_config, meta_model, resolve_checkpoint
@@ -39,6 +40,12 @@ def check_train(cfg: TrainJobConfig) -> None:
     if cfg.peft.method not in ("lora", "qlora", "full"):
         problems.append(f"peft.method={cfg.peft.method!r}: use lora, qlora or full")
     problems += check_data(cfg.data)
+    problems += batching_problems(cfg.data)
+    d = cfg.data
+    if cfg.trainer.data_order == "sequential" and (d.group_by_length or d.group_by_modality or d.packing
+                                                   or d.max_tokens_per_batch):
+        problems.append("trainer.data_order=sequential keeps the file order, which the batch plans reorder: also set "
+                        "data.group_by_length=false data.group_by_modality=false (and no packing/token budget)")
     if cfg.trainer.max_steps <= 0 and cfg.trainer.num_train_epochs <= 0:
         problems.append("set trainer.max_steps > 0 or trainer.num_train_epochs > 0")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):

@@ -61,7 +61,8 @@ def runs(tmp_path_factory, tiny_dir):
     data = mixed_dataset(root)
     common = [f"data.train_path={data}", f"data.image_root={DEMO}", "data.eval_path=null",
               f"trainer.max_steps={STEPS}", "trainer.logging_steps=1", f"trainer.save_steps={STEPS}",
-              "trainer.data_order=sequential", "trainer.disable_tqdm=true", "model.dtype=fp32", "peft.dropout=0.0"]
+              "trainer.data_order=sequential", "data.group_by_length=false", "data.group_by_modality=false",
+              "trainer.disable_tqdm=true", "model.dtype=fp32", "peft.dropout=0.0"]
     bin_dir = Path(sys.executable).parent
     env = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     logs = {}

@@ -1,0 +1,119 @@
+"""Batch plans: deterministic per (seed, epoch), resumable mid-epoch, every sample once per epoch on any
+number of ranks, modality never mixed, token budgets kept."""
+
+import random
+from collections import Counter
+
+import pytest
+from accelerate.data_loader import BatchSamplerShard
+
+from llava_train.data.sampler import PlanSampler, PlanSpec, plan_epoch
+
+
+def _data(n=1000, seed=0):
+    rnd = random.Random(seed)
+    has_image = [rnd.random() > 0.06 for _ in range(n)]
+    lengths = [rnd.choice([2340, 2100, 1800, 1176]) + rnd.randint(20, 600) if img else rnd.randint(30, 900)
+               for img in has_image]
+    return lengths, has_image
+
+
+SPECS = [
+    PlanSpec(batch_size=8),
+    PlanSpec(batch_size=8, group_by_length=False, group_by_modality=False),
+    PlanSpec(batch_size=4, max_tokens=12_000),
+    PlanSpec(batch_size=2, pack_length=4096),
+]
+
+
+def _flat(batches):
+    return [i for b in batches for i in b]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["grouped", "random", "budget", "packing"])
+def test_every_sample_once_and_deterministic(spec):
+    lengths, has_image = _data()
+    a = plan_epoch(lengths, has_image, spec, seed=3, epoch=0)
+    assert sorted(_flat(a)) == list(range(len(lengths)))
+    assert plan_epoch(lengths, has_image, spec, seed=3, epoch=0) == a
+    b = plan_epoch(lengths, has_image, spec, seed=3, epoch=1)
+    assert sorted(_flat(b)) == list(range(len(lengths))) and b != a
+    assert plan_epoch(lengths, has_image, spec, seed=4, epoch=0) != a
+
+
+def test_modality_never_mixed_and_padding_small():
+    lengths, has_image = _data()
+    spec = PlanSpec(batch_size=8)
+    batches = plan_epoch(lengths, has_image, spec, seed=0, epoch=0)
+    assert all(len({has_image[i] for i in b}) == 1 for b in batches)
+
+    def real_share(bs):
+        return sum(lengths[i] for b in bs for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    randomly = plan_epoch(lengths, has_image, PlanSpec(batch_size=8, group_by_length=False,
+                                                       group_by_modality=False), seed=0, epoch=0)
+    assert real_share(batches) > 0.97 > real_share(randomly)
+
+
+def test_token_budget_kept():
+    lengths, has_image = _data()
+    budget = 12_000
+    batches = plan_epoch(lengths, has_image, PlanSpec(batch_size=4, max_tokens=budget), seed=0, epoch=0)
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget
+    # short text-only samples get big batches, long image samples small ones
+    assert max(len(b) for b in batches) > 10 and min(len(b) for b in batches) <= 5
+
+
+def test_resume_mid_epoch():
+    lengths, has_image = _data()
+    spec = PlanSpec(batch_size=8, max_tokens=20_000)
+    s = PlanSampler(lengths, has_image, spec, seed=7)
+    s.set_epoch(2)
+    it = iter(s)
+    seen = [next(it) for _ in range(5)]
+    state = s.state_dict(consumed=5)
+    again = PlanSampler(lengths, has_image, spec, seed=7)  # a fresh process after a restart
+    again.load_state_dict(state)
+    rest = list(again)
+    full = PlanSampler(lengths, has_image, spec, seed=7)
+    full.set_epoch(2)
+    assert seen + rest == list(full)
+    assert len(list(again)) == len(full)  # the skip applies once
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("spec", SPECS[::2] + SPECS[3:], ids=["grouped", "budget", "packing"])
+def test_distributed_shards_cover_every_sample_once(world, spec):
+    lengths, has_image = _data(n=997)
+    spec = PlanSpec(**{**spec.__dict__, "world_size": world})
+    for epoch in range(2):
+        shares = []
+        for rank in range(world):
+            s = PlanSampler(lengths, has_image, spec, seed=1, rank=rank)
+            s.set_epoch(epoch)
+            shares.append(list(s))
+        assert len({len(sh) for sh in shares}) == 1  # same number of steps on every rank
+        counts = Counter(i for sh in shares for b in sh for i in b)
+        assert sorted(counts) == list(range(len(lengths))) and set(counts.values()) == {1}
+        # accelerate's shard of the global plan (what HF Trainer does) is the same split
+        for rank in range(world):
+            g = PlanSampler(lengths, has_image, spec, seed=1)
+            g.set_epoch(epoch)
+            assert list(BatchSamplerShard(g, num_processes=world, process_index=rank)) == shares[rank]
+
+
+def test_too_few_samples_for_ranks():
+    with pytest.raises(ValueError, match="cannot feed 4 ranks"):
+        plan_epoch([10, 20, 30], None, PlanSpec(batch_size=2, world_size=4), seed=0, epoch=0)
+
+
+def test_bad_batching_settings_listed_together():
+    from llava_train.config import DataConfig
+    from llava_train.data.sampler import batching_problems
+
+    cfg = DataConfig(train_path="x", max_length=4096, packing=True, max_tokens_per_batch=1000, pad_to_multiple_of=0,
+                     prefetch_factor=2)
+    problems = batching_problems(cfg)
+    assert len(problems) == 4, problems
+    assert batching_problems(DataConfig(train_path="x")) == []
