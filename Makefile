@@ -12,7 +12,7 @@ demo: setup
 	$(VENV)/bin/llava train output_dir=$(DEMO_OUT)
 
 test: setup
-	$(PY) -m pytest -q --timeout=1200
+	$(PY) -m pytest -q --timeout=1200 --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
