@@ -19,7 +19,7 @@ from llava_train.config import TinyModelConfig
 from llava_train.constants import IMAGE_TOKEN
 
 # Bump when the way the tiny checkpoint is built changes, so stale caches are not reused.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 
 # CLIP's normalisation, as in the llava-v1.6 processors.
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
