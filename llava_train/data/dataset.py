@@ -257,6 +257,19 @@ def as_sources(path: Union[str, list, None], cfg: DataConfig, fmt: Optional[str]
                    split=e.split, name=e.name) for e in entries]
 
 
+def iter_encoded(source: Source, cfg: DataConfig, encoder: Encoder, skipped: SkipReport):
+    """(conversation, image sizes, `Encoded`) for each usable row of `source`, in order; a bad row is
+    added to `skipped` or raised, as `data.on_error` / `data.overflow` say."""
+    root = default_image_root(source, cfg.image_root)
+    for index, row in iter_rows(source):
+        try:
+            yield prepare(row, index=index, source=source.path, fmt=source.format, image_root=root, encoder=encoder)
+        except DataError as err:
+            if not should_skip(err, cfg):
+                raise
+            skipped.add(err)
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """A data source (or a weighted mix of sources) as training examples.
 
@@ -276,17 +289,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.lengths: list[int] = []
         self.source_index: list[int] = []  # which source each item came from
         for s, source in enumerate(self.sources):
-            root = default_image_root(source, cfg.image_root)
             items, lengths = [], []
-            for index, row in iter_rows(source):
-                try:
-                    conv, sizes, enc = prepare(row, index=index, source=source.path, fmt=source.format,
-                                               image_root=root, encoder=encoder)
-                except DataError as err:
-                    if should_skip(err, cfg):
-                        self.skipped.add(err)
-                        continue
-                    raise
+            for conv, sizes, enc in iter_encoded(source, cfg, encoder, self.skipped):
                 items.append((conv, sizes))
                 lengths.append(len(enc.input_ids))
             for k in apply_weight(len(items), source.weight, cfg.mix_seed + s):

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
 from llava_train.config import DataConfig, ModelConfig
 from llava_train.config.schema import PreviewJobConfig
 from llava_train.constants import IGNORE_INDEX
-from llava_train.data.dataset import Encoded, Encoder, SkipReport, as_sources, prepare, should_skip
-from llava_train.data.formats import Conversation, DataError
+from llava_train.data.dataset import Encoded, Encoder, SkipReport, as_sources, iter_encoded
+from llava_train.data.formats import Conversation
 from llava_train.data.images import ImageGeometry
-from llava_train.data.sources import default_image_root, iter_rows
 from llava_train.data.templates import get_family
 
 TRAINED_ON, TRAINED_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green on a terminal
@@ -32,9 +31,10 @@ def load_encoder(model_cfg: ModelConfig, data_cfg: DataConfig, *, max_length: in
     from llava_train.model.load import load_processor, resolve_checkpoint
 
     processor = load_processor(resolve_checkpoint(model_cfg))
-    encoder = Encoder(processor.tokenizer, get_family(model_cfg.family), ImageGeometry.from_processor(processor),
-                      max_length=data_cfg.max_length if max_length is None else max_length,
-                      overflow=data_cfg.overflow, last_turn_only=data_cfg.train_last_turn_only)
+    if max_length is not None:
+        data_cfg = replace(data_cfg, max_length=max_length)
+    encoder = Encoder.from_config(processor.tokenizer, get_family(model_cfg.family),
+                                  ImageGeometry.from_processor(processor), data_cfg)
     return processor, encoder
 
 
@@ -49,16 +49,7 @@ def iter_samples(path, cfg: DataConfig, encoder: Encoder, skipped: SkipReport) -
     """Encoded samples of a source (or `data.sources`) in order; bad ones go to `skipped` or raise
     as the config says."""
     for source in as_sources(path, cfg):
-        root = default_image_root(source, cfg.image_root)
-        for index, row in iter_rows(source):
-            try:
-                conv, sizes, enc = prepare(row, index=index, source=source.path, fmt=source.format,
-                                           image_root=root, encoder=encoder)
-            except DataError as err:
-                if should_skip(err, cfg):
-                    skipped.add(err)
-                    continue
-                raise
+        for conv, sizes, enc in iter_encoded(source, cfg, encoder, skipped):
             yield Sample(conv, sizes, enc)
 
 
