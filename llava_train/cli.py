@@ -7,6 +7,7 @@ same entry point (for torchrun / deepspeed launchers).
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def trainer_key_problems(overrides: list[str]) -> list[str]:
+    """`trainer.<key>=...` overrides naming no TrainerConfig key: close matches with HF's help, before Hydra
+    (whose own message names no alternative)."""
+    from dataclasses import fields
+
+    from llava_train.config.hf_args import key_problems
+    from llava_train.config.schema import TrainerConfig
+
+    keys = [m.group(1) for o in overrides if (m := re.match(r"^[+~]{0,2}trainer\.(\w+)", o))]
+    return key_problems(keys, {f.name for f in fields(TrainerConfig)})
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -106,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     rest = argv[1:]
     if name in POSITIONAL and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest = [f"{POSITIONAL[name]}={rest[0]}", *rest[1:]]
+    problems = trainer_key_problems(rest) if name == "train" else []
+    if problems:
+        print("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        raise SystemExit(2)
     sys.argv = [f"llava {name}", *rest]
     COMMANDS[name][0]()
 

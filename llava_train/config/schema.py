@@ -8,10 +8,46 @@ Functions receive their slice (``DataConfig``, ``ModelConfig``...), never the wh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from llava_train.config.hf_args import with_training_arguments
+
+
+class Choice(str, Enum):
+    """A closed choice (Hydra refuses other values at composition). Member names equal their values, so a
+    choice compares, hashes, prints and serialises as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+Family = Choice("Family", {n: n for n in ("mistral", "vicuna", "chatml", "llama3", "qwen")})  # prompt formats
+DType = Choice("DType", {n: n for n in ("fp32", "bf16", "fp16")})
+Attention = Choice("Attention", {n: n for n in ("sdpa", "eager", "flash_attention_2")})
+Method = Choice("Method", {n: n for n in ("lora", "qlora", "full")})
+QuantType = Choice("QuantType", {n: n for n in ("nf4", "fp4")})
+QuantStorage = Choice("QuantStorage", {n: n for n in ("uint8", "bf16", "fp16", "fp32")})
+Overflow = Choice("Overflow", {n: n for n in ("drop_turns", "skip", "error")})
+OnError = Choice("OnError", {n: n for n in ("error", "skip")})
+DataFormat = Choice("DataFormat", {n: n for n in ("auto", "llava", "messages")})
+DataOrder = Choice("DataOrder", {n: n for n in ("random", "sequential")})
+# Trackers, each HF Trainer's own integration (TrainingArguments.report_to); none: no tracker.
+Tracker = Choice("Tracker", {n: n for n in ("none", "wandb", "tensorboard", "mlflow", "trackio")})
+WandbMode = Choice("WandbMode", {n: n for n in ("auto", "online", "offline")})
+Split = Choice("Split", {n: n for n in ("train", "eval")})
+Color = Choice("Color", {n: n for n in ("auto", "always", "never")})
+ExportDType = Choice("ExportDType", {n: n for n in ("auto", "fp32", "bf16", "fp16")})
+ExportPush = Choice("ExportPush", {n: n for n in ("merged", "adapter")})
 
 
 @dataclass
@@ -38,9 +74,9 @@ class ModelConfig:
     # A hub id, a local folder, or "tiny" for the embedded default (materialised once into cache_dir).
     path: str = MISSING
     # Prompt family used to render conversations: mistral | vicuna | chatml | llama3 | qwen.
-    family: str = "mistral"
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    family: Family = Family.mistral
+    dtype: DType = DType.fp32
+    attn_implementation: Attention = Attention.sdpa  # sdpa | eager | flash_attention_2
     # Where "tiny" is materialised. Empty: $LLAVA_TRAIN_CACHE or ~/.cache/llava-train.
     cache_dir: str = ""
     # Modules trained fully (and saved with an adapter). A randomly initialised base such as the tiny
@@ -85,13 +121,12 @@ class DataConfig:
     max_length: int = 2048
     # A sample longer than max_length: drop_turns (drop whole trailing turns; skip, counted, when even
     # the first turn does not fit) | skip (skip it whole, counted) | error (raise, naming it).
-    overflow: str = "drop_turns"
+    overflow: Overflow = Overflow.drop_turns
     # What to do with a bad sample (missing image, bad conversation...): error | skip.
-    on_error: str = "error"
+    on_error: OnError = OnError.error
     num_workers: int = 0
-    max_eval_samples: Optional[int] = None
     # Input format: auto (detected per row) | llava (conversations/from/value) | messages (role/content).
-    format: str = "auto"
+    format: DataFormat = DataFormat.auto
     # Train only the last assistant reply of each sample (earlier replies become context, label -100).
     train_last_turn_only: bool = False
     # Several training sources mixed with weights; when set, they replace train_path.
@@ -128,7 +163,7 @@ class DataConfig:
 class PeftConfig:
     """Fine-tuning method and its adapter settings."""
 
-    method: str = "lora"  # lora | qlora (LoRA on a bitsandbytes-quantised base) | full
+    method: Method = Method.lora  # lora | qlora (LoRA on a bitsandbytes-quantised base) | full
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
@@ -153,11 +188,11 @@ class PeftConfig:
     train_image_newline: bool = True
     # qlora: 4 (nf4/fp4 QLoRA) or 8 (LLM.int8; not with DeepSpeed).
     bits: int = 4
-    quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    quant_type: QuantType = QuantType.nf4  # nf4 | fp4 (4-bit only)
     double_quant: bool = True  # quantise the quantisation constants too (4-bit only)
-    compute_dtype: str = ""  # fp32 | bf16 | fp16; empty: model.dtype
+    compute_dtype: Optional[DType] = None  # fp32 | bf16 | fp16; null: model.dtype
     # Storage dtype of packed 4-bit weights: uint8, or the model dtype so ZeRO-3 can shard them.
-    quant_storage: str = "uint8"  # uint8 | bf16 | fp16 | fp32
+    quant_storage: QuantStorage = QuantStorage.uint8
     # Kept in full precision, by FULL module-name prefix (transformers 5 does not match short names:
     # "vision_tower" would leave the CLIP tower quantised).
     quant_skip_modules: list[str] = field(
@@ -180,28 +215,30 @@ class OptimConfig:
     max_grad_norm: float = 1.0
 
 
+@with_training_arguments
 @dataclass
 class TrainerConfig:
-    """Loop settings handed to HF Trainer."""
+    """Loop settings handed to HF Trainer: every `TrainingArguments` field is a key here (HF's type, default
+    and docs; e.g. trainer.optim=adamw_bnb_8bit trainer.tf32=true trainer.eval_strategy=steps), added by
+    `with_training_arguments` (config/hf_args.py). Declared below: the keys with a default or meaning of
+    the project's own. HF fields set from other keys (learning rate, precision...) are in hf_args.OWNED."""
 
-    max_steps: int = -1
     num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
     logging_steps: int = 10
-    save_steps: int = 500
     save_total_limit: Optional[int] = 2
+    # Gradient (activation) checkpointing, switched on by build_model (reentrant choice, input grads).
     gradient_checkpointing: bool = False
-    report_to: str = "none"
     disable_tqdm: bool = False
+    # Pinned host memory for batches. None: on when a GPU is present.
+    dataloader_pin_memory: Optional[bool] = None
     # When set, must equal world size x per_device_train_batch_size x gradient_accumulation_steps.
     global_batch_size: Optional[int] = None
     # Continue from a checkpoint: "auto" (the newest complete checkpoint in output_dir, else start fresh),
     # a checkpoint folder, or "false". Only checkpoints sealed by llava_train.train.resume are picked.
     resume: str = "false"
     # Order of training samples: random (seeded) | sequential (e.g. to compare runs rank for rank).
-    data_order: str = "random"
+    data_order: DataOrder = DataOrder.random
     # Signals that save a checkpoint and stop cleanly (SLURM preemption sends SIGTERM, or SIGUSR1 with --signal).
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
@@ -249,14 +286,15 @@ class EvalConfig:
 class LoggerConfig:
     """Experiment tracking (rank 0 only). A plain JSONL log and a loss / accuracy PNG are always written."""
 
-    backend: str = "none"  # none | wandb
+    # The tracker, through HF Trainer's own integration (report_to): none | wandb | tensorboard | mlflow | trackio.
+    backend: Tracker = Tracker.none
     project: str = "llava-train"
     entity: Optional[str] = None
     # Run name. Empty: the Hydra job name and run folder (e.g. "train/14-03-12"), or the output folder name.
     name: str = ""
     tags: list[str] = field(default_factory=list)
     # online | offline | auto (auto: $WANDB_MODE if set, else offline when api.wandb.ai is unreachable).
-    mode: str = "auto"
+    mode: WandbMode = WandbMode.auto
     # Where wandb keeps its run folder. Empty: the training output_dir.
     dir: str = ""
 
@@ -284,10 +322,10 @@ class PreviewConfig:
 
     num_samples: int = 3
     start: int = 0  # index of the first sample shown
-    split: str = "train"  # train | eval
+    split: Split = Split.train
     # Also write one JSON object per sample (id, input_ids, labels, image_sizes, num_image_tokens).
     output: str = ""
-    color: str = "auto"  # auto (colour on a TTY) | always | never ([[...]] around trained spans)
+    color: Color = Color.auto  # auto (colour on a TTY) | always | never ([[...]] around trained spans)
 
 
 @dataclass
@@ -330,7 +368,7 @@ class EvalDataConfig:
     image_root: str = ""
     max_length: int = 4096
     max_samples: Optional[int] = None
-    on_error: str = "error"  # error | skip
+    on_error: OnError = OnError.error
 
 
 @dataclass
@@ -360,12 +398,12 @@ class ExportConfig:
     adapter: bool = True  # write <output_dir>/adapter (PEFT format + processor + training config)
     merged: bool = True  # write <output_dir>/merged (merge_and_unload, plain transformers)
     # dtype of the merged weights: fp32 | bf16 | fp16 | auto (auto: the training model.dtype).
-    dtype: str = "auto"
+    dtype: ExportDType = ExportDType.auto
     max_shard_size: str = "5GB"
     push_to_hub: bool = False
     repo_id: str = ""
     private: bool = True
-    push: str = "merged"  # which folder to upload: merged | adapter
+    push: ExportPush = ExportPush.merged  # which folder to upload
     dry_run: bool = False  # list what would be uploaded (and the model card) without uploading
     # Model card metadata: hub dataset ids, license, extra tags, and the base model id shown to users
     # (default: the training model.path).

@@ -1,13 +1,16 @@
 """Callbacks a training run uses beyond the loss: in-training generation eval and tracking.
 
-- `GenerationEval`: every `eval.every_steps` optimizer steps, the eval loss (through HF Trainer's own
-  evaluation loop, so DDP/DeepSpeed sharding and gathering are HF's) and generation metrics (exact /
+- `GenerationEval`: at each evaluation HF schedules (`trainer.eval_strategy`/`eval_steps`, or the
+  shorthand `eval.every_steps`), after HF's eval loss (its own evaluation loop, so DDP/DeepSpeed sharding
+  and gathering are HF's), the generation metrics (exact /
   contains match, per question type). Under ZeRO-3 every rank generates its shard with
   `synced_gpus=True` (see `llava_train.evaluate.generate`).
 - `Tracking` (rank 0 only): the resolved config (`config.yaml`, needed by `llava export`), a plain JSONL
   log (`log.jsonl`) always, throughput, a loss / eval-accuracy PNG next to each checkpoint and in the
-  output folder, and, with `logger=wandb`, a wandb run with the config, metrics and a table of sample
-  predictions with their images (offline when there is no network).
+  output folder. The tracker itself (`logger=wandb|tensorboard|mlflow|trackio`) is HF Trainer's own
+  integration (`report_to`), which logs the metrics; on top of it, with wandb, the run is started here
+  (project, entity, tags, offline when there is no network, the resolved config) and gets a table of
+  sample predictions with their images.
 """
 
 from __future__ import annotations
@@ -48,10 +51,15 @@ def run_name(cfg: LoggerConfig, out: Path) -> str:
     return out.name
 
 
+def report_to(cfg: LoggerConfig) -> list[str]:
+    """`TrainingArguments.report_to` for the chosen tracker (HF's integration of it logs the metrics)."""
+    return [] if cfg.backend == "none" else [str(cfg.backend)]
+
+
 def wandb_mode(cfg: LoggerConfig) -> str:
     """online | offline. `auto`: $WANDB_MODE when set, else offline unless api.wandb.ai answers."""
     if cfg.mode != "auto":
-        return cfg.mode
+        return str(cfg.mode)
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     try:
@@ -112,13 +120,15 @@ class Tracking(TrainerCallback):
             (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(self.config))
             (out / LOG_FILE).write_text("")
 
-    # --- events -------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._last = (state.global_step, time.time())
-        if not self.is_main or self.cfg.backend == "none":
+    def start(self) -> None:
+        """Before training: start the wandb run HF's WandbCallback then logs into (it reuses `wandb.run`);
+        MLflow's experiment defaults to logger.project. Other trackers need nothing here."""
+        if not self.is_main:
             return
+        if self.cfg.backend == "mlflow":
+            os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", self.cfg.project)
         if self.cfg.backend != "wandb":
-            raise ValueError(f"unknown logger.backend {self.cfg.backend!r}; use none or wandb")
+            return
         import wandb
 
         mode = wandb_mode(self.cfg)
@@ -126,6 +136,10 @@ class Tracking(TrainerCallback):
                                 tags=list(self.cfg.tags), config=self.config, dir=self.cfg.dir or str(self.out),
                                 mode=mode, reinit="finish_previous")
         print(f"wandb: run {self.wandb.name!r} ({mode}) in {self.wandb.dir}", flush=True)
+
+    # --- events -------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (state.global_step, time.time())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.is_main or not logs:
@@ -142,7 +156,7 @@ class Tracking(TrainerCallback):
             self._last = (state.global_step, now)
         elif any(k.startswith("eval_") for k in logs):  # throughput counts training time only
             self._last = (state.global_step, time.time())
-        self._record(row)
+        self._record(row, logged=logs)
 
     def on_save(self, args, state, control, **kwargs):
         if self.is_main:
@@ -171,7 +185,8 @@ class Tracking(TrainerCallback):
             if conv is not None and conv.images:
                 image = wandb.Image(load_rgb(conv.images[0], self.eval_ds.image_root, conv, 0))
             table.add_data(step, p.id, image, p.question, p.reference, p.prediction, p.exact)
-        self.wandb.log({key: table}, step=step)
+        # HF's WandbCallback plots against train/global_step (its define_metric); wandb's own step is its
+        self.wandb.log({key: table, "train/global_step": step})
 
     def finish(self, results: dict[str, Any], step: int, rows: int = 16) -> None:
         """Final metrics (JSONL, plot, wandb summary, table of the final eval's predictions.jsonl);
@@ -195,18 +210,21 @@ class Tracking(TrainerCallback):
             self.wandb.finish()
             self.wandb = None
 
-    def _record(self, row: dict[str, Any]) -> None:
+    def _record(self, row: dict[str, Any], logged: Any = ()) -> None:
+        """Append to log.jsonl; to wandb only what HF's WandbCallback did not log (`logged`: its keys)."""
         self.history.append(row)
         with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            metrics_only = {k: v for k, v in row.items() if k not in ("step", "time")
-                            and isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.wandb.log(metrics_only, step=row["step"])
+        if self.wandb is not None and not row.get("final"):
+            extra = {f"train/{k}": v for k, v in row.items() if k not in ("step", "time") and k not in logged
+                     and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if extra:
+                self.wandb.log({**extra, "train/global_step": row["step"]})
 
 
 class GenerationEval(TrainerCallback):
-    """Every `every_steps`: HF's eval loss, then generation metrics on all ranks, logged through the trainer."""
+    """At each evaluation HF runs (its eval loss first): generation metrics on all ranks, logged through the
+    trainer."""
 
     def __init__(self, trainer, eval_ds, tokenizer, cfg: EvalConfig, tracking: Tracking):
         self.trainer = trainer
@@ -214,11 +232,7 @@ class GenerationEval(TrainerCallback):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.tracking = tracking
-        self.indices = range(len(eval_ds) if cfg.max_samples is None else min(cfg.max_samples, len(eval_ds)))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.cfg.every_steps and state.global_step % self.cfg.every_steps == 0:
-            control.should_evaluate = True
+        self.indices = eval_indices(cfg, eval_ds)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         c = self.cfg
@@ -232,17 +246,25 @@ class GenerationEval(TrainerCallback):
         self.tracking.log_predictions(state.global_step, preds, c.table_rows)
 
 
-def attach_callbacks(trainer, cfg: TrainJobConfig, eval_ds, tokenizer, out: Path) -> Tracking:
-    """Add tracking (always) and the in-training eval (when eval.every_steps > 0) to `trainer`."""
-    tracking = Tracking(cfg.logger, cfg, out, eval_ds, is_main=trainer.is_world_process_zero())
-    trainer.add_callback(tracking)
-    if eval_ds is not None and cfg.eval.enabled and cfg.eval.every_steps > 0:
-        from torch.utils.data import Subset
+def eval_indices(cfg: EvalConfig, eval_ds) -> range:
+    """The eval samples the in-training eval uses: the first eval.max_samples (all when null)."""
+    return range(len(eval_ds) if cfg.max_samples is None else min(cfg.max_samples, len(eval_ds)))
 
-        cb = GenerationEval(trainer, eval_ds, tokenizer, cfg.eval, tracking)
-        # The eval loss runs through HF's evaluation loop (sharded and gathered by HF); only the loss
-        # is kept (no logits gathered).
-        trainer.eval_dataset = Subset(eval_ds, list(cb.indices))
+
+def in_training_eval_set(cfg: EvalConfig, eval_ds):
+    """The set HF's evaluation loop runs on during training (None without an eval split)."""
+    from torch.utils.data import Subset
+
+    return None if eval_ds is None else Subset(eval_ds, list(eval_indices(cfg, eval_ds)))
+
+
+def attach_callbacks(trainer, cfg: TrainJobConfig, eval_ds, tokenizer, out: Path) -> Tracking:
+    """Add tracking (always) and the generation metrics to HF's scheduled evaluations (when it has any)."""
+    tracking = Tracking(cfg.logger, cfg, out, eval_ds, is_main=trainer.is_world_process_zero())
+    tracking.start()
+    trainer.add_callback(tracking)
+    if eval_ds is not None and cfg.eval.enabled and trainer.args.eval_strategy != "no":
+        # HF's evaluation loop (sharded and gathered by HF) keeps only the loss (no logits gathered)
         trainer.args.prediction_loss_only = True
-        trainer.add_callback(cb)
+        trainer.add_callback(GenerationEval(trainer, eval_ds, tokenizer, cfg.eval, tracking))
     return tracking

@@ -15,6 +15,7 @@ import torch
 from transformers import TrainingArguments
 
 from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainJobConfig
+from llava_train.config.hf_args import hf_arguments
 from llava_train.data.dataset import ConversationDataset, Encoder
 from llava_train.data.images import ImageGeometry
 from llava_train.data.index import LazyConversationDataset
@@ -24,7 +25,7 @@ from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint
 from llava_train.model.quantize import quantization_config
-from llava_train.train.callbacks import attach_callbacks
+from llava_train.train.callbacks import attach_callbacks, in_training_eval_set, report_to, run_name
 from llava_train.train.distributed import (
     distributed_arguments,
     init_distributed,
@@ -62,7 +63,7 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
                         zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
     preemption = Preemption(cfg.trainer.preemption_signals)
     trainer, losses = build_trainer(cfg, model, train_ds, processor, out, args=args,
-                                    callbacks=[CheckpointSealer(), preemption, *callbacks])
+                                    callbacks=[CheckpointSealer(), preemption, *callbacks], eval_ds=eval_ds)
     tracking = attach_callbacks(trainer, cfg, eval_ds, processor.tokenizer, out)
     resume_from = resolve_resume(cfg.trainer.resume, out)
     if is_main_process():
@@ -134,37 +135,38 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *
 
 
 def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
+    """Every `trainer.*` TrainingArguments field as set (HF's defaults unless overridden), plus the fields the
+    project fills from its own keys (`hf_args.OWNED`)."""
     t, o = cfg.trainer, cfg.optim
-    return TrainingArguments(
+    kwargs = hf_arguments(t)
+    if cfg.eval.every_steps > 0 and t.eval_strategy == "no":  # eval.every_steps: a shorthand for HF's schedule
+        kwargs.update(eval_strategy="steps", eval_steps=cfg.eval.every_steps)
+    kwargs.update(
         output_dir=str(out),
-        max_steps=t.max_steps,
-        num_train_epochs=t.num_train_epochs,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=o.lr,
         weight_decay=o.weight_decay,
-        lr_scheduler_type=o.scheduler,
+        lr_scheduler_type=str(o.scheduler),
         warmup_steps=o.warmup_ratio,
         max_grad_norm=o.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
         activation_checkpointing=False,  # build_model switches it on (reentrant choice, input grads)
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=[] if t.report_to == "none" else [t.report_to],
-        disable_tqdm=t.disable_tqdm,
+        dataloader_pin_memory=torch.cuda.is_available() if t.dataloader_pin_memory is None else t.dataloader_pin_memory,
+        report_to=report_to(cfg.logger),
+        run_name=run_name(cfg.logger, out),
+        project=cfg.logger.project,
         remove_unused_columns=False,
         dataloader_num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
+        train_sampling_strategy=str(t.data_order),
         **distributed_arguments(cfg.deepspeed),
-        train_sampling_strategy=t.data_order,
     )
+    return TrainingArguments(**kwargs)
 
 
-def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, args=None, callbacks=()):
+def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, args=None, callbacks=(), eval_ds=None):
+    """The trainer; with HF's eval schedule on (trainer.eval_strategy, or eval.every_steps), its eval set is
+    the first eval.max_samples eval samples (eval loss by HF's loop, generation metrics by GenerationEval)."""
     recorder = LossRecorder()
     args = args if args is not None else training_arguments(cfg, out)
     collator, sampler = batching(cfg.data, train_ds, processor.tokenizer.pad_token_id,
@@ -174,6 +176,7 @@ def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, ar
         model=model,
         args=args,
         train_dataset=train_ds,
+        eval_dataset=in_training_eval_set(cfg.eval, eval_ds) if args.eval_strategy != "no" else None,
         data_collator=collator,
         callbacks=[recorder, *callbacks],
         optim_cfg=cfg.optim,

@@ -5,17 +5,17 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from transformers import SchedulerType
+
 from llava_train.config import TrainJobConfig
+from llava_train.config.hf_args import choice_problem, value_problems
 from llava_train.data.dataset import check_data
 from llava_train.data.sampler import batching_problems
-from llava_train.data.templates import FAMILIES
 from llava_train.model.adapt import checkpoint_reentrant, target_problems
-from llava_train.model.load import DTYPES, checkpoint_config, meta_model, resolve_checkpoint
-from llava_train.model.quantize import STORAGE_DTYPES, compute_dtype, skip_problems
+from llava_train.model.load import checkpoint_config, meta_model, resolve_checkpoint
+from llava_train.model.quantize import skip_problems
 from llava_train.train.distributed import check_deepspeed
 from llava_train.train.resume import check_resume_settings
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 class ConfigError(ValueError):
@@ -32,13 +32,7 @@ def world_size() -> int:
 
 def check_train(cfg: TrainJobConfig) -> None:
     """Raise `ConfigError` listing every problem found in `cfg` (no weights, no data decoding)."""
-    problems: list[str] = []
-    if cfg.model.family not in FAMILIES:
-        problems.append(f"model.family={cfg.model.family!r} is not one of {sorted(FAMILIES)}")
-    if cfg.model.dtype not in ("fp32", "bf16", "fp16"):
-        problems.append(f"model.dtype={cfg.model.dtype!r}: use fp32, bf16 or fp16")
-    if cfg.peft.method not in ("lora", "qlora", "full"):
-        problems.append(f"peft.method={cfg.peft.method!r}: use lora, qlora or full")
+    problems: list[str] = value_problems(cfg.trainer)  # closed choices are enums: Hydra refused bad ones
     problems += check_data(cfg.data)
     problems += batching_problems(cfg.data)
     d = cfg.data
@@ -53,6 +47,10 @@ def check_train(cfg: TrainJobConfig) -> None:
             problems.append(f"trainer.{name} must be >= 1")
     if cfg.optim.lr <= 0:
         problems.append("optim.lr must be > 0")
+    problems += choice_problem("optim.scheduler", cfg.optim.scheduler, SchedulerType)
+    if cfg.trainer.eval_strategy != "no" and not cfg.data.eval_path:
+        problems.append(f"trainer.eval_strategy={cfg.trainer.eval_strategy} evaluates during training but there is no "
+                        "eval split: set data.eval_path (or trainer.eval_strategy=no)")
     problems += model_problems(cfg)
     problems += check_deepspeed(cfg.deepspeed, cfg.peft) + check_resume_settings(cfg.trainer)
     if problems:
@@ -68,9 +66,7 @@ def model_problems(cfg: TrainJobConfig) -> list[str]:
         value = getattr(cfg.optim, name)
         if value is not None and value <= 0:
             problems.append(f"optim.{name} must be > 0 (or null: same as optim.lr)")
-    if m.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        problems.append(f"model.attn_implementation={m.attn_implementation!r}: use one of {list(ATTN_IMPLEMENTATIONS)}")
-    elif m.attn_implementation == "flash_attention_2":
+    if m.attn_implementation == "flash_attention_2":
         from transformers.utils import is_flash_attn_2_available
 
         if importlib.util.find_spec("flash_attn") is None:
@@ -104,18 +100,12 @@ def model_problems(cfg: TrainJobConfig) -> list[str]:
 
 
 def _qlora_problems(cfg: TrainJobConfig) -> list[str]:
-    m, p, ds = cfg.model, cfg.peft, cfg.deepspeed
+    p, ds = cfg.peft, cfg.deepspeed
     problems = []
     if importlib.util.find_spec("bitsandbytes") is None:
         problems.append("peft.method=qlora needs bitsandbytes (pip install bitsandbytes)")
     if p.bits not in (4, 8):
         problems.append(f"peft.bits={p.bits}: use 4 or 8")
-    if p.quant_type not in ("nf4", "fp4"):
-        problems.append(f"peft.quant_type={p.quant_type!r}: use nf4 or fp4")
-    if compute_dtype(p, m) not in DTYPES:
-        problems.append(f"peft.compute_dtype={p.compute_dtype!r}: use fp32, bf16 or fp16 (or empty: model.dtype)")
-    if p.quant_storage not in STORAGE_DTYPES:
-        problems.append(f"peft.quant_storage={p.quant_storage!r}: use one of {list(STORAGE_DTYPES)}")
     if p.bits == 8 and ds.stage > 0:
         problems.append(f"peft.bits=8 (LLM.int8) does not work with DeepSpeed (deepspeed.stage={ds.stage}): "
                         "use 4-bit QLoRA or deepspeed=none")
