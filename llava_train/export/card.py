@@ -3,35 +3,40 @@ markdown): base model, datasets, library, pipeline tag, hyperparameters, eval me
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
+
+from llava_train.config.schema import TrainJobConfig
 
 PIPELINE_TAG = "image-text-to-text"
 
 
-def _hyperparameters(train_cfg: dict[str, Any]) -> dict[str, Any]:
-    peft, optim, trainer, model = (train_cfg.get(k, {}) for k in ("peft", "optim", "trainer", "model"))
-    out = {"method": peft.get("method"), "base dtype": model.get("dtype"), "prompt family": model.get("family"),
-           "learning rate": optim.get("lr"), "projector learning rate": optim.get("projector_lr"),
-           "scheduler": optim.get("scheduler"), "max steps": trainer.get("max_steps"),
-           "epochs": trainer.get("num_train_epochs"),
-           "batch size per device": trainer.get("per_device_train_batch_size"),
-           "gradient accumulation": trainer.get("gradient_accumulation_steps"), "seed": train_cfg.get("seed")}
-    if peft.get("method") == "lora":
-        out.update({"LoRA r": peft.get("r"), "LoRA alpha": peft.get("alpha"), "LoRA dropout": peft.get("dropout"),
-                    "LoRA targets": peft.get("target_modules"),
-                    "modules trained fully": list(model.get("modules_to_save") or [])
-                    + (["multi_modal_projector"] if peft.get("train_projector") else [])})
-    return {k: v for k, v in out.items() if v not in (None, "", [])}
+def _hyperparameters(train_cfg: TrainJobConfig) -> dict[str, Any]:
+    peft, optim, trainer, model = train_cfg.peft, train_cfg.optim, train_cfg.trainer, train_cfg.model
+    out = {"method": peft.method, "base dtype": model.dtype, "prompt family": model.family,
+           "learning rate": optim.lr, "projector learning rate": optim.projector_lr,
+           "scheduler": optim.scheduler, "optimizer": trainer.optim, "max steps": trainer.max_steps,
+           "epochs": trainer.num_train_epochs,
+           "batch size per device": trainer.per_device_train_batch_size,
+           "gradient accumulation": trainer.gradient_accumulation_steps, "seed": train_cfg.seed}
+    if peft.method == "qlora":
+        out.update({"quantisation": f"{peft.bits}-bit" + (f" {peft.quant_type}" if peft.bits == 4 else "")})
+    if peft.method in ("lora", "qlora"):
+        out.update({"LoRA r": peft.r, "LoRA alpha": peft.alpha, "LoRA dropout": peft.dropout,
+                    "LoRA targets": peft.target_modules,
+                    "modules trained fully": list(model.modules_to_save)
+                    + (["multi_modal_projector"] if peft.train_projector else [])})
+    return {k: str(v) if isinstance(v, Enum) else v for k, v in out.items() if v not in (None, "", [])}
 
 
-def build_card(*, kind: str, repo_id: str, base_model: str, datasets: list[str], train_cfg: dict[str, Any],
+def build_card(*, kind: str, repo_id: str, base_model: str, datasets: list[str], train_cfg: TrainJobConfig,
                metrics: dict[str, Any], license: str = "", tags: list[str] = ()):
     """A `ModelCard` for `kind` = "adapter" (library_name peft) or "merged" (library_name transformers)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     name = repo_id.split("/")[-1] if repo_id else "llava-train-model"
     eval_results = []
-    data_path = train_cfg.get("data", {}).get("eval_path") or "eval split"
+    data_path = train_cfg.data.eval_path or "eval split"
     for key, metric in (("eval_accuracy", "exact_match"), ("eval_contains_accuracy", "contains_match")):
         if isinstance(metrics.get(key), (int, float)):
             eval_results.append(EvalResult(task_type=PIPELINE_TAG, dataset_type=(datasets or ["custom"])[0],

@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from llava_train.config.schema import ExportConfig
+from llava_train.config.saved import load_train_config
+from llava_train.config.schema import ExportConfig, TrainJobConfig
 from llava_train.export import hub
 from llava_train.export.artifacts import write_adapter, write_merged
 from llava_train.export.card import build_card
@@ -21,22 +20,23 @@ from llava_train.model.inference import FINAL, load_processor_for, resolve
 CONFIG_FILES = ("config.yaml", ".hydra/config.yaml")  # resolved by `llava train`, else Hydra's copy
 
 
-def _training_outputs(source: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(training config as YAML text, the same parsed, metrics.json) from a training output folder."""
+def _training_outputs(source: Path) -> tuple[str, TrainJobConfig, dict[str, Any]]:
+    """(training config as YAML text, the same in the typed schema, metrics.json) from a training output folder
+    (the schema's defaults when it has no config)."""
     roots = [source, source.parent] if source.name == FINAL else [source]  # a training output or its final/
     text = next(((r / f).read_text() for r in roots for f in CONFIG_FILES if (r / f).is_file()), "")
     metrics_file = next((r / "metrics.json" for r in roots if (r / "metrics.json").is_file()), None)
     metrics = json.loads(metrics_file.read_text()) if metrics_file else {}
-    return text, (yaml.safe_load(text) or {}) if text else {}, metrics
+    return text, load_train_config(text), metrics
 
 
 def run(cfg: ExportConfig, output_dir: str) -> dict[str, Any]:
     resolved = resolve(cfg.source, cfg.base_model)
     config_text, train_cfg, metrics = _training_outputs(Path(cfg.source))
     out = Path(output_dir or Path(cfg.source) / "export")
-    dtype = cfg.dtype if cfg.dtype != "auto" else train_cfg.get("model", {}).get("dtype", "fp32")
+    dtype = str(cfg.dtype if cfg.dtype != "auto" else train_cfg.model.dtype)
     processor = load_processor_for(resolved)
-    model_path = train_cfg.get("model", {}).get("path", "")
+    model_path = train_cfg.model.path
     card_base = cfg.card_base_model or (model_path if model_path and model_path != "tiny" else resolved.base)
     datasets = list(cfg.datasets)
     written: dict[str, Path] = {}
