@@ -59,12 +59,14 @@ def test_qlora_with_zero3_refused_up_front_with_reason():
 
 def test_bad_scale_out_settings_all_listed():
     cfg = _job(["deepspeed.stage=1", "deepspeed.offload_param=true", "trainer.resume=/no/such/ckpt",
-                "trainer.data_order=shuffled", "trainer.preemption_signals=[SIGNOPE]"])
+                "trainer.preemption_signals=[SIGNOPE]"])
     with pytest.raises(ConfigError) as err:
         check_train(cfg)
     text = str(err.value)
-    for needle in ("deepspeed.stage=1", "offload_param", "trainer.resume", "data_order", "SIGNOPE"):
+    for needle in ("deepspeed.stage=1", "offload_param", "trainer.resume", "SIGNOPE"):
         assert needle in text, (needle, text)
+    with pytest.raises(Exception, match="data_order"):  # a closed choice: refused at composition
+        _job(["trainer.data_order=shuffled"])
 
 
 def test_vision_keepalive_runs_vision_with_zero_effect(tiny_model):

@@ -130,7 +130,7 @@ def test_flash_attention_without_package_refused(config_only):
 
 def test_every_problem_in_one_error(config_only, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    job = _job(config_only("bfloat16"), dtype="fp16", attn_implementation="flash", modules_to_save=["lm_haed"],
+    job = _job(config_only("bfloat16"), dtype="fp16", modules_to_save=["lm_haed"],
                checkpoint_reentrant=True, input_require_grads=False)
     job.peft.method, job.peft.bits, job.deepspeed.stage = "qlora", 8, 3
     job.peft.target_modules = r"nothing"
@@ -138,11 +138,11 @@ def test_every_problem_in_one_error(config_only, monkeypatch):
     job.trainer.global_batch_size = 7
     job.optim.vision_lr = -1.0
     problems = _problems(job)
-    for needle in ["model.attn_implementation='flash'", "peft.bits=8", "model.dtype=fp16",
+    for needle in ["peft.bits=8", "model.dtype=fp16",
                    "model.input_require_grads=true", "trainer.global_batch_size=7", "peft.target_modules='nothing'",
                    "'lm_haed' names no module", "optim.vision_lr", "with deepspeed.stage=3 is refused"]:
         assert sum(needle in p for p in problems) == 1, (needle, problems)
-    assert len(problems) == 9
+    assert len(problems) == 8  # (a bad closed choice such as attn_implementation=flash fails at composition)
 
 
 def test_unreadable_checkpoint_reported(tmp_path):
