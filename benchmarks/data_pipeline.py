@@ -32,7 +32,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 def shares(batches, lengths, patches, has_image, *, fixed_patches=None, pack_length=None):
     """(real token share, real patch share) of a list of batches."""
-    from llava_train.data.sampler import pack_bins
+    from llava_train.data.packing import pack_bins
 
     real_tok = slots_tok = real_p = slots_p = 0
     for b in batches:

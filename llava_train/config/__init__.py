@@ -1,3 +1,4 @@
+from llava_train.config.jobs import SweepReportConfig, register_configs
 from llava_train.config.schema import (
     DataConfig,
     DeepSpeedConfig,
@@ -5,11 +6,9 @@ from llava_train.config.schema import (
     ModelConfig,
     OptimConfig,
     PeftConfig,
-    SweepReportConfig,
     TinyModelConfig,
     TrainerConfig,
     TrainJobConfig,
-    register_configs,
 )
 
 __all__ = [

@@ -184,15 +184,3 @@ def to_conversation(row: Any, *, fmt: str, source: str, index: int) -> Conversat
         raise DataError(f"unknown data.format {kind!r}: use auto, llava or messages", source=source, index=index)
     raise DataError("cannot tell the format: expected 'conversations' (LLaVA) or 'messages' (HF)",
                     source=source, index=index, kind="invalid")
-
-
-def load_rows(path: str | Path) -> list[tuple[int, Any]]:
-    """Raw rows of a JSON/JSONL file with their index (cheap: conversion happens per sample)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist (set data.train_path / data.eval_path)")
-    rows = list(read_rows(path))
-    for _, row in rows:
-        if isinstance(row, DataError):
-            raise row
-    return rows

@@ -16,15 +16,36 @@ unpacked (tests/data/test_packing.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from llava_train.constants import IGNORE_INDEX, IMAGE_SIZES, INPUT_IDS, LABELS, PIXEL_VALUES
 from llava_train.data.collate import pad_patches
-from llava_train.data.sampler import pack_bins
 
 POSITION_IDS = "position_ids"
+
+
+def pack_bins(order: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: samples into rows whose total length is at most `capacity`.
+
+    A sample longer than `capacity` gets a row of its own (the encoder already truncates to
+    max_length, so this only happens with estimated lengths). Rows keep samples in the given order.
+    """
+    ranked = sorted(order, key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in ranked:
+        n = lengths[i]
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+    return rows
 
 
 @dataclass

@@ -18,9 +18,8 @@ epoch, built from the samples' total lengths (text + image tokens, known before 
    exactly once per epoch and every rank takes the same number of steps.
 
 `PlanSampler` yields the global plan (accelerate's `BatchSamplerShard` then hands batch k to rank
-k % world_size, which is the same split) or, given `rank`, only that rank's share. `skip(n)` resumes
-mid-epoch after n of this sampler's batches (HF Trainer does the same with accelerate's
-`skip_first_batches`).
+k % world_size, which is the same split) or, given `rank`, only that rank's share. Mid-epoch resume is
+HF Trainer's (accelerate's `skip_first_batches`): the plan only has to be the same for (seed, epoch).
 """
 
 from __future__ import annotations
@@ -30,6 +29,9 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+from llava_train.data.collate import Collator
+from llava_train.data.packing import PackingCollator, pack_bins
 
 MEGABATCH = 64
 """Batches per sorting window: large enough for near-zero padding, small enough to keep batches random."""
@@ -50,28 +52,6 @@ class PlanSpec:
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch])
-
-
-def pack_bins(order: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: samples into rows whose total length is at most `capacity`.
-
-    A sample longer than `capacity` gets a row of its own (the encoder already truncates to
-    max_length, so this only happens with estimated lengths). Rows keep samples in the given order.
-    """
-    ranked = sorted(order, key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in ranked:
-        n = lengths[i]
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(i)
-                room[r] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - n)
-    return rows
 
 
 def _cut(pool: list[int], lengths: Sequence[int], spec: PlanSpec) -> list[list[int]]:
@@ -140,7 +120,7 @@ def plan_epoch(lengths: Sequence[int], has_image: Optional[Sequence[bool]], spec
 
 
 class PlanSampler(torch.utils.data.Sampler):
-    """A batch sampler over `plan_epoch`: `set_epoch` reshuffles, `skip` resumes mid-epoch.
+    """A batch sampler over `plan_epoch`: `set_epoch` reshuffles.
 
     `batch_size` is None on purpose: accelerate then treats batches as variable-sized and shards
     whole batches (batch k to rank k % world_size), which is exactly the plan's split.
@@ -157,24 +137,10 @@ class PlanSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.rank = rank
         self.epoch = 0
-        self._skip = 0
         self._plan: Optional[tuple[int, list[list[int]]]] = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def skip(self, batches: int) -> None:
-        """Start the next iteration after `batches` of this sampler's batches (resume mid-epoch)."""
-        self._skip = int(batches)
-
-    def state_dict(self, consumed: int) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "consumed": int(consumed)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"resuming with seed {self.seed} but the state was saved with seed {state['seed']}")
-        self.set_epoch(state["epoch"])
-        self.skip(state["consumed"])
 
     def global_plan(self) -> list[list[int]]:
         if self._plan is None or self._plan[0] != self.epoch:
@@ -187,8 +153,7 @@ class PlanSampler(torch.utils.data.Sampler):
         return plan if self.rank is None else plan[self.rank:: self.spec.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
-        start, self._skip = self._skip, 0
-        yield from self.batches()[start:]
+        yield from self.batches()
 
     def __len__(self) -> int:
         return len(self.batches())
@@ -205,9 +170,6 @@ def has_image_flags(dataset) -> Optional[list[bool]]:
 
 def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: int, seed: int):
     """(collator, batch sampler or None) for a `DataConfig`: the one place the batching keys are read."""
-    from llava_train.data.collate import Collator
-    from llava_train.data.packing import PackingCollator
-
     if cfg.packing:
         collator = PackingCollator(pad_token_id=pad_token_id, max_length=cfg.max_length,
                                    pad_to_multiple_of=cfg.pad_to_multiple_of)

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import torch
 from PIL import Image
 
-from llava_train.config.schema import ChatJobConfig
+from llava_train.config.jobs import ChatJobConfig
 from llava_train.model.inference import load_for_inference, load_processor_for, resolve
 
 

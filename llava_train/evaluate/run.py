@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from llava_train.config.schema import DataConfig, EvalJobConfig
+from llava_train.config.jobs import EvalJobConfig
+from llava_train.config.schema import DataConfig
 from llava_train.data.dataset import ConversationDataset, Encoder
 from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import get_family

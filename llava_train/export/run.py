@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llava_train.config.jobs import ExportConfig
 from llava_train.config.saved import load_train_config
-from llava_train.config.schema import ExportConfig, TrainJobConfig
+from llava_train.config.schema import TrainJobConfig
 from llava_train.export import hub
 from llava_train.export.artifacts import write_adapter, write_merged
 from llava_train.export.card import build_card

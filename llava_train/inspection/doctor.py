@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from llava_train.config import DataConfig
-from llava_train.config.schema import DoctorJobConfig
+from llava_train.config.jobs import DoctorJobConfig
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.dataset import Encoder, SkipReport, as_sources, prepare
 from llava_train.data.formats import DataError

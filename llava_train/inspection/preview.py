@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
 from llava_train.config import DataConfig, ModelConfig
-from llava_train.config.schema import PreviewJobConfig
+from llava_train.config.jobs import PreviewJobConfig
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.dataset import Encoded, Encoder, SkipReport, as_sources, iter_encoded
 from llava_train.data.formats import Conversation

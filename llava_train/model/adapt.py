@@ -10,6 +10,7 @@ from collections import OrderedDict
 import torch
 
 from llava_train.config import ModelConfig, OptimConfig, PeftConfig
+from llava_train.model.quantize import is_quantized_linear
 
 VISION_PREFIX = "model.vision_tower"
 PROJECTOR = "multi_modal_projector"
@@ -203,10 +204,21 @@ def trainable_summary(model) -> "OrderedDict[str, tuple[int, int]]":
     return OrderedDict((k, (v[0], v[1])) for k, v in out.items())
 
 
+def quantized_modules(model) -> "OrderedDict[tuple[str, str], int]":
+    """{(module group, '4bit'|'8bit'): count} of bitsandbytes linears."""
+    out: OrderedDict[tuple[str, str], int] = OrderedDict()
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return out
+    for name, module in model.named_modules():
+        kind = is_quantized_linear(module)
+        if kind:
+            key = (module_group(name), kind)
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
 def describe(model, *, attn_implementation: str = "", reentrant: bool | None = None) -> str:
     """Start-of-run summary: trainable parameters per group, dtypes, quantised modules, checkpointing."""
-    from llava_train.model.quantize import quantized_modules
-
     lines = ["trainable parameters:"]
     total_trainable = total = 0
     for group, (trainable, count) in trainable_summary(model).items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
@@ -43,10 +42,6 @@ def load_model(cfg: ModelConfig, checkpoint: str, *, quantization_config=None):
         quantization_config=quantization_config,
     )
     return model
-
-
-def is_local_checkpoint(checkpoint: str) -> bool:
-    return Path(checkpoint).is_dir()
 
 
 def checkpoint_config(checkpoint: str):

@@ -3,8 +3,6 @@ vision tower, projector and lm_head kept in full precision by full-prefix skip n
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from llava_train.config import ModelConfig, PeftConfig
@@ -65,18 +63,3 @@ def is_quantized_linear(module: torch.nn.Module) -> str:
     if isinstance(module, bnb.nn.Linear8bitLt):
         return "8bit"
     return ""
-
-
-def quantized_modules(model) -> "OrderedDict[tuple[str, str], int]":
-    """{(module group, '4bit'|'8bit'): count} of bitsandbytes linears."""
-    from llava_train.model.adapt import module_group
-
-    out: OrderedDict[tuple[str, str], int] = OrderedDict()
-    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
-        return out
-    for name, module in model.named_modules():
-        kind = is_quantized_linear(module)
-        if kind:
-            key = (module_group(name), kind)
-            out[key] = out.get(key, 0) + 1
-    return out

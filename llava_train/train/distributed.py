@@ -34,12 +34,6 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def main_print(*args: Any) -> None:
-    """print on rank 0 only."""
-    if is_main_process():
-        print(*args, flush=True)
-
-
 def check_deepspeed(cfg: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
     """Problems with the DeepSpeed settings (collected by validate.check_train, before any weights load)."""
     problems = []

@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from llava_train.cli import CONFIG_DIR
-from llava_train.config.schema import DoctorJobConfig, PreviewJobConfig
+from llava_train.config.jobs import DoctorJobConfig, PreviewJobConfig
 
 
 @pytest.mark.parametrize("name,schema", [("preview", PreviewJobConfig), ("doctor", DoctorJobConfig)])

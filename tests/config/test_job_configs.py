@@ -5,7 +5,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from llava_train.cli import COMMANDS, CONFIG_DIR
-from llava_train.config.schema import ChatJobConfig, EvalJobConfig, ExportJobConfig, TrainJobConfig
+from llava_train.config.jobs import ChatJobConfig, EvalJobConfig, ExportJobConfig
+from llava_train.config.schema import TrainJobConfig
 
 
 def _compose(name, overrides):

@@ -121,7 +121,7 @@ def test_doctor_on_hf_sources(hf_dir, tmp_path, capsys):
     from collections import Counter
 
     from llava_train.config import ModelConfig
-    from llava_train.config.schema import DoctorConfig, DoctorJobConfig
+    from llava_train.config.jobs import DoctorConfig, DoctorJobConfig
     from llava_train.inspection.doctor import doctor
 
     data = DataConfig(sources=[DataSourceConfig(path=str(hf_dir / "train.parquet"), weight=2.0),

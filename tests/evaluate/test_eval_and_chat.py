@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from conftest import DEMO, REPO
-from llava_train.config.schema import ChatJobConfig, DataConfig, ModelConfig
+from llava_train.config.jobs import ChatJobConfig
+from llava_train.config.schema import DataConfig, ModelConfig
 from llava_train.data.dataset import ConversationDataset
 from llava_train.evaluate.generate import generate_predictions
 

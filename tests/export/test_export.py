@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import DEMO
-from llava_train.config.schema import DataConfig, ExportConfig
+from llava_train.config.jobs import ExportConfig
+from llava_train.config.schema import DataConfig
 from llava_train.data.collate import Collator
 from llava_train.data.dataset import ConversationDataset
 from llava_train.evaluate.generate import generate_predictions
@@ -175,7 +176,8 @@ def test_dry_run_lists_upload_without_token(trained_run, tmp_path, monkeypatch, 
 
 
 def test_llava_eval_on_merged_and_base(trained_run, exported, tmp_path):
-    from llava_train.config.schema import EvalDataConfig, EvalJobConfig, ModelConfig
+    from llava_train.config.jobs import EvalDataConfig, EvalJobConfig
+    from llava_train.config.schema import ModelConfig
     from llava_train.evaluate.run import run
 
     out, _, _, _ = exported
