@@ -65,7 +65,8 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # Gradient checkpointing (switched on by trainer.gradient_checkpointing) uses non-reentrant
     # torch.utils.checkpoint; under ZeRO-3 reentrant, because non-reentrant recomputation meets frozen
-    # parameters already re-partitioned (transformers#47254). null: that choice; true/false: forced.
+    # parameters already re-partitioned (huggingface/transformers#47254, fixed by deepspeedai/DeepSpeed#8148).
+    # null: that choice; true/false: forced.
     checkpoint_reentrant: Optional[bool] = None
     # Make the embeddings' output require grad, so reentrant-checkpointed blocks with frozen inputs
     # still backpropagate into LoRA weights ("none of the inputs have requires_grad").
@@ -173,7 +174,8 @@ class PeftConfig:
     compute_dtype: Optional[DType] = None  # fp32 | bf16 | fp16; null: model.dtype
     # Storage dtype of packed 4-bit weights: uint8, or the model dtype so ZeRO-3 can shard them.
     quant_storage: QuantStorage = QuantStorage.uint8
-    # Kept in full precision, by FULL module-name prefix (transformers 5 does not match short names:
+    # Kept in full precision, by FULL module-name prefix (transformers 5 does not match short names,
+    # huggingface/transformers#42455:
     # "vision_tower" would leave the CLIP tower quantised).
     quant_skip_modules: list[str] = field(
         default_factory=lambda: ["model.vision_tower", "model.multi_modal_projector", "lm_head"]

@@ -113,7 +113,10 @@ def _zero3_gathered(model, enabled: bool):
     (`_prepare_multimodal_encoder_kwargs_for_generation` -> `get_image_features` -> `pack_image_features`),
     outside any module forward, so DeepSpeed's forward hooks never gather `image_newline` and the
     partitioned (empty) tensor fails "expanded size ... existing size (0)". Submodules (vision tower,
-    projector) are gathered by their own hooks. Can go when generate calls the encoder through a forward."""
+    projector) are gathered by their own hooks. The general rule (parameters used outside a forward must
+    be gathered by hand): huggingface/transformers#26112, DeepSpeed's "Gathering Parameters" docs. No
+    upstream issue for LlavaNext's generate yet; can go when transformers' generate computes image
+    features inside a module forward (check: tests/evaluate/test_zero3_generation.py without this)."""
     import contextlib
 
     if not enabled:

@@ -69,8 +69,12 @@ def target_problems(model: torch.nn.Module, cfg: PeftConfig, model_cfg: ModelCon
 
 
 def checkpoint_reentrant(model_cfg: ModelConfig, zero_stage: int) -> bool:
-    """Non-reentrant checkpointing, except under ZeRO-3 (transformers#47254: non-reentrant recomputation
-    sees frozen parameters already re-partitioned to shape [0] and raises CheckpointError)."""
+    """Non-reentrant checkpointing, except under ZeRO-3.
+
+    Workaround for huggingface/transformers#47254: under ZeRO-3, non-reentrant recomputation sees frozen
+    parameters already re-partitioned to shape [0] and raises CheckpointError. Fixed in DeepSpeed by
+    deepspeedai/DeepSpeed#8148 (merged 2026-07); can go (non-reentrant everywhere) once the minimum
+    DeepSpeed contains it and tests/train/test_distributed.py passes with model.checkpoint_reentrant=false."""
     if model_cfg.checkpoint_reentrant is not None:
         return model_cfg.checkpoint_reentrant
     return zero_stage == 3
@@ -81,7 +85,8 @@ def enable_checkpointing(model, model_cfg: ModelConfig, zero_stage: int) -> None
     reentrant = checkpoint_reentrant(model_cfg, zero_stage)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     # its input-grad hooks are replaced by set_input_grads (peft registers a second set meanwhile, and
-    # transformers keeps handles only to the latest set)
+    # transformers keeps handles only to the latest set). Workaround, no upstream issue: can go when
+    # enable_input_require_grads is idempotent and skips frozen sub-models (transformers 5.24 is neither)
     model.disable_input_require_grads()
 
 
@@ -279,7 +284,11 @@ def unsaved_trainables(model) -> list[str]:
 def save_unsaved_trainables(model, folder: str, *, write: bool = True) -> list[str]:
     """Add the trainable parameters peft leaves out to `<folder>/adapter_model.safetensors`, under their
     PeftModel names: plain `PeftModel.from_pretrained(base, folder)` passes keys it does not manage
-    straight to `load_state_dict`, so it restores them. Call on every rank (ZeRO-3 gathers)."""
+    straight to `load_state_dict`, so it restores them. Call on every rank (ZeRO-3 gathers).
+
+    Workaround, no upstream issue: peft (0.21) saves tuner weights and `modules_to_save` wrappers only
+    (huggingface/peft#2099 covers parameters of wrapped modules, not a model's own bare parameter). Can go
+    if peft saves trainable bare parameters or LlavaNext moves `image_newline` into a submodule."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):

@@ -56,4 +56,4 @@ def meta_model(config):
     from transformers import LlavaNextForConditionalGeneration
 
     with torch.device("meta"):
-        return LlavaNextForConditionalGeneration._from_config(config)
+        return LlavaNextForConditionalGeneration(config)

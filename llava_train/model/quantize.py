@@ -38,8 +38,9 @@ def quantization_config(peft_cfg: PeftConfig, model_cfg: ModelConfig):
 
 
 def skip_problems(peft_cfg: PeftConfig, module_names: list[str]) -> list[str]:
-    """Skip names that match nothing (short names do not match in transformers 5), and required parts
-    that would be quantised."""
+    """Skip names that match nothing (transformers 5 matches `llm_int8_skip_modules` anchored at the start of
+    the full name, huggingface/transformers#42455 and #42711: short names match nothing), and required
+    parts that would be quantised."""
     problems = []
     for entry in peft_cfg.quant_skip_modules:
         if not any(n == entry or n.startswith(entry + ".") for n in module_names):

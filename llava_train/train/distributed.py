@@ -173,6 +173,8 @@ class VisionKeepAlive:
     forward does (right after the input embedding, via a forward hook on the embedding) and adds
     0 * sum(features): same parameters gathered in the same order on every rank, zero effect on the loss
     and on the gradients. It also keeps DDP's gradient buckets identical across ranks.
+    Upstream: deepspeedai/DeepSpeed#7170 (open: ZeRO-3 hangs on mixed-modality batches); can go if DeepSpeed
+    fixes it there or LlavaNext runs its vision path for text-only batches.
     """
 
     def __init__(self, model: torch.nn.Module):

@@ -22,13 +22,25 @@ def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return keep, shifted[shifted != IGNORE_INDEX]
 
 
-def sparse_lm_loss(model, inputs: dict, num_items_in_batch=None):
-    """Sum of token cross entropies over trained tokens / `num_items_in_batch` (or their count)."""
-    inputs = dict(inputs)
-    labels = inputs.pop(LABELS)
-    keep, targets = trained_positions(labels)
-    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+def sparse_inputs(inputs: dict) -> dict:
+    """The model inputs with `logits_to_keep` = the trained positions (labels kept for the loss)."""
+    return {**inputs, "logits_to_keep": trained_positions(inputs[LABELS])[0], "use_cache": False}
+
+
+def trained_token_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Sum of token cross entropies over trained tokens / `num_items_in_batch` (or their count), from a
+    forward run with `sparse_inputs` (logits for the trained positions only, in row-major order). Has the
+    signature of HF Trainer's `compute_loss_func`."""
+    _, targets = trained_positions(labels)
     logits = outputs.logits.reshape(-1, outputs.logits.shape[-1]).float()
     total = F.cross_entropy(logits, targets, reduction="sum")
     denom = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
-    return total / denom, outputs
+    return total / denom
+
+
+def sparse_lm_loss(model, inputs: dict, num_items_in_batch=None):
+    """(loss over trained tokens, outputs) of one forward that projects only the trained positions."""
+    inputs = sparse_inputs(inputs)
+    labels = inputs.pop(LABELS)
+    outputs = model(**inputs)
+    return trained_token_loss(outputs, labels, num_items_in_batch), outputs

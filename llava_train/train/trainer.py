@@ -7,18 +7,19 @@ from transformers import Trainer, TrainerCallback
 
 from llava_train.model.adapt import param_groups, save_unsaved_trainables
 from llava_train.train.distributed import VisionKeepAlive
-from llava_train.train.loss import sparse_lm_loss
+from llava_train.train.loss import sparse_inputs, trained_token_loss
 
 
 class LlavaTrainer(Trainer):
     """HF Trainer, customised only through public hooks: per-module learning rates
     (`create_optimizer`) and a loss that projects only trained positions onto the vocabulary
-    (`compute_loss`, already normalised over the accumulated batch: `loss_is_scaled_for_ga`)."""
+    (`compute_loss_func`, normalised over the accumulated batch by `num_items_in_batch`, with
+    `compute_loss` adding the trained-position mask to the inputs; HF scales it across ranks)."""
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, optim_cfg, train_batch_sampler=None, prefetch_factor=None, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, compute_loss_func=trained_token_loss, **kwargs)
         self.optim_cfg = optim_cfg
         # several ranks: a text-only batch still runs the vision path (ZeRO-3 hang fix, see VisionKeepAlive)
         self.vision_keepalive = VisionKeepAlive(self.model) if self.args.world_size > 1 else None
@@ -44,14 +45,11 @@ class LlavaTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.vision_keepalive is not None:
-            with self.vision_keepalive.batch(inputs):
-                loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
-        else:
-            loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
-        return (loss, outputs) if return_outputs else loss
+        inputs = sparse_inputs(inputs)
+        if self.vision_keepalive is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.vision_keepalive.batch(inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
