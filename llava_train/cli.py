@@ -90,7 +90,9 @@ POSITIONAL = {"sweep-report": "dir"}
 
 
 def usage() -> str:
-    lines = ["usage: llava <command> [key=value ...] [--cfg job] [-m] [--help]", "", "commands:"]
+    lines = ["usage: llava <command> [key=value ...] [--cfg job] [-m] [--help]",
+             "       llava train --help trainer.<key>   (any TrainingArguments field: HF's default and help)",
+             "", "commands:"]
     lines += [f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -107,6 +109,20 @@ def trainer_key_problems(overrides: list[str]) -> list[str]:
     return key_problems(keys, {f.name for f in fields(TrainerConfig)})
 
 
+def trainer_key_help(key: str) -> str:
+    """Default and HF's help text of one `trainer` key (or the close matches when there is none)."""
+    from dataclasses import fields
+
+    from llava_train.config.hf_args import describe_field, key_problems
+    from llava_train.config.schema import TrainerConfig
+
+    declared = {f.name: f for f in fields(TrainerConfig)}
+    if key not in declared:
+        return "\n".join(key_problems([key], declared))
+    f = declared[key]
+    return describe_field(key, f.default_factory() if callable(f.default_factory) else f.default)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -119,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     rest = argv[1:]
     if name in POSITIONAL and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest = [f"{POSITIONAL[name]}={rest[0]}", *rest[1:]]
+    if name == "train" and len(rest) == 2 and rest[0] in ("-h", "--help") and rest[1].startswith("trainer."):
+        print(trainer_key_help(rest[1].removeprefix("trainer.")))  # `llava train --help trainer.optim`
+        return
     problems = trainer_key_problems(rest) if name == "train" else []
     if problems:
         print("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)

@@ -116,6 +116,15 @@ def field_help(name: str) -> str:
     return " ".join(str(f.metadata.get("help", "")).split()) if f is not None else ""
 
 
+def describe_field(name: str, default: Any) -> str:
+    """`trainer.<name>`: its default, HF's help text and, for HF's closed choices, the allowed values."""
+    if name in OWNED:
+        return f"trainer.{name} is set by {OWNED[name]}"
+    text = f"trainer.{name} (default: {default!r}): {field_help(name) or 'a llava-train key (see TrainerConfig)'}"
+    choices = _enum_of(name) if name in hf_fields() else None
+    return text + (f"\n  choices: {', '.join(e.value for e in choices)}" if choices else "")
+
+
 def key_problems(keys, declared) -> list[str]:
     """Problems with `trainer.<key>` names: unknown (with close matches and HF's help for them) or set
     by another project key (`OWNED`). `declared`: the keys TrainerConfig accepts."""
@@ -126,7 +135,8 @@ def key_problems(keys, declared) -> list[str]:
             problems.append(f"trainer.{key} is set by {OWNED[key]}")
         elif key not in declared:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            hint = "; ".join(f"trainer.{c}" + (f" ({field_help(c)[:160]})" if field_help(c) else "") for c in close)
+            hint = "; ".join(f"trainer.{c} (set by {OWNED[c]})" if c in OWNED else
+                             f"trainer.{c}" + (f" ({field_help(c)[:160]})" if field_help(c) else "") for c in close)
             problems.append(f"trainer.{key} is not a TrainerConfig key nor a TrainingArguments field"
                             + (f"; did you mean: {hint}" if hint else "; see `llava train --cfg job` for the keys"))
     return problems

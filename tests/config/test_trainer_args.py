@@ -67,6 +67,15 @@ def test_trainer_typo_names_close_matches_with_hf_help(capsys):
     assert e.value.code == 2 and "did you mean: trainer.optim" in capsys.readouterr().err
 
 
+def test_help_shows_hf_default_help_and_choices(capsys):
+    main(["train", "--help", "trainer.optim"])
+    out = capsys.readouterr().out
+    assert "trainer.optim (default: 'adamw_torch_fused'): The optimizer to use" in out
+    assert "adamw_bnb_8bit" in out and "paged_adamw_8bit" in out
+    main(["train", "--help", "trainer.lerning_rate"])
+    assert "trainer.learning_rate (set by optim.lr)" in capsys.readouterr().out
+
+
 def test_hf_choice_values_checked_against_hf_enums():
     job = _job(["trainer.optim=adamw_torchh", "trainer.save_strategy=step"])
     problems = value_problems(job.trainer)
