@@ -22,9 +22,10 @@ from llava_train.data.index import LazyConversationDataset
 from llava_train.data.sampler import batching
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
-from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
+from llava_train.model.adapt import apply_peft, checkpoint_reentrant
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint
 from llava_train.model.quantize import quantization_config
+from llava_train.model.summary import describe
 from llava_train.train.callbacks import attach_callbacks, in_training_eval_set, report_to, run_name
 from llava_train.train.distributed import (
     distributed_arguments,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
-from llava_train.model.adapt import param_groups, save_unsaved_trainables
+from llava_train.model.adapter_files import save_unsaved_trainables
+from llava_train.model.param_groups import param_groups
 from llava_train.train.distributed import VisionKeepAlive
 from llava_train.train.loss import sparse_inputs, trained_token_loss
 

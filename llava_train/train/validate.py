@@ -11,9 +11,10 @@ from llava_train.config import TrainJobConfig
 from llava_train.config.hf_args import choice_problem, value_problems
 from llava_train.data.dataset import check_data
 from llava_train.data.sampler import batching_problems
-from llava_train.model.adapt import checkpoint_reentrant, target_problems
+from llava_train.model.adapt import checkpoint_reentrant
 from llava_train.model.load import checkpoint_config, meta_model, resolve_checkpoint
 from llava_train.model.quantize import skip_problems
+from llava_train.model.targets import target_problems
 from llava_train.train.distributed import check_deepspeed
 from llava_train.train.resume import check_resume_settings
 

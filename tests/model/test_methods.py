@@ -258,7 +258,7 @@ def test_per_module_learning_rates_in_optimizer_param_groups(processor, tiny_dir
 
 
 def test_full_fine_tuning_groups_without_vision_and_no_decay_for_norms(processor, tiny_dir, tmp_path):
-    from llava_train.model.adapt import param_groups
+    from llava_train.model.param_groups import param_groups
 
     job = _job(tmp_path, method="full")
     job.optim.weight_decay, job.optim.projector_lr = 0.05, 5e-3
