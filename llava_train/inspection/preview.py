@@ -103,10 +103,6 @@ def preview(cfg: PreviewJobConfig, out: Optional[TextIO] = None) -> list[dict]:
     """Print `preview.num_samples` samples from `preview.start`; returns their records."""
     out = out or sys.stdout
     p = cfg.preview
-    if p.split not in ("train", "eval"):
-        raise ValueError(f"preview.split={p.split!r}: use train or eval")
-    if p.color not in ("auto", "always", "never"):
-        raise ValueError(f"preview.color={p.color!r}: use auto, always or never")
     path = cfg.data.train_path if p.split == "train" else cfg.data.eval_path
     if p.split == "eval" and not path:
         raise ValueError("preview.split=eval needs data.eval_path")
