@@ -2,21 +2,28 @@
 
 Each subcommand composes `configs/<subcommand>.yaml` over its typed schema, so `key=value`
 overrides, `-m/--multirun`, `--cfg job` and `--help` work everywhere. `python -m llava_train` is the
-same entry point (for torchrun / deepspeed launchers).
+same entry point (for torchrun / deepspeed / accelerate launchers; the `--local_rank=N` argument the
+DeepSpeed launcher adds is accepted and exported as LOCAL_RANK).
+
+The configs come from `configs/` next to the package in a source checkout (the files people edit), or
+from `llava_train/_resources/configs` in an installed wheel (copied there at build time, setup.py). Your
+own config folder joins the search path with Hydra's `--config-dir DIR` (its `experiment/`, `model/`...
+files are found beside ours) or `hydra.searchpath=[file:///abs/dir]`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from llava_train.config import register_configs
+from llava_train.config.demo import demo_overrides
+from llava_train.resources import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 
 OmegaConf.register_new_resolver("llava_root", lambda: str(ROOT), replace=True)
@@ -28,6 +35,13 @@ def train(cfg: DictConfig) -> None:
     from llava_train.train.recipe import run
 
     run(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def plan(cfg: DictConfig) -> None:
+    from llava_train.train.plan import run as run_plan
+
+    run_plan(OmegaConf.to_object(cfg))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="preview", version_base="1.3")
@@ -77,6 +91,7 @@ def sweep_report(cfg: DictConfig) -> None:
 
 COMMANDS = {
     "train": (train, "train a LlavaNext model (LoRA / full) and evaluate it"),
+    "plan": (plan, "pre-flight: memory per GPU, tokens per step, steps per epoch; no GPU, no weights"),
     "preview": (preview, "render samples as they are trained on (trained spans marked, token counts)"),
     "doctor": (doctor, "validate a whole dataset fast and print its statistics; non-zero exit on errors"),
     "eval": (evaluate, "generation eval (exact / contains match) of an adapter, merged or base model"),
@@ -86,6 +101,9 @@ COMMANDS = {
 }
 # subcommands whose first argument may be given bare (`llava sweep-report DIR` = `... dir=DIR`)
 POSITIONAL = {"sweep-report": "dir"}
+# `llava plan` composes the train config; it prints only (no run folder, no log file)
+EXTRA = {"plan": ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
+                  "hydra/hydra_logging=none"]}
 
 
 def usage() -> str:
@@ -94,8 +112,22 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """The DeepSpeed launcher (without --no_local_rank) passes `--local_rank=N` before the script's own
+    arguments: no Hydra override. Drop it; export LOCAL_RANK when the launcher did not set it."""
+    rest, it = [], iter(argv)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag in ("--local_rank", "--local-rank"):
+            value = value if eq else next(it, "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            rest.append(arg)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -106,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     rest = argv[1:]
     if name in POSITIONAL and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest = [f"{POSITIONAL[name]}={rest[0]}", *rest[1:]]
+    rest = [*EXTRA.get(name, []), *demo_overrides(name, rest)]
     sys.argv = [f"llava {name}", *rest]
     COMMANDS[name][0]()
 
