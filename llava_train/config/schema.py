@@ -268,7 +268,8 @@ class LoggerConfig:
 class PlanConfig:
     """`llava plan`, and the fit check `llava train` runs on a CUDA machine (llava_train/train/plan.py)."""
 
-    # Memory per GPU in GB (1e9 bytes). None: the visible GPU's, else 80.
+    # Memory per GPU in GiB (an "80GB" GPU holds 80 GiB). None: the visible GPU's, else 80.
+    # `llava train`'s fit check on CUDA always uses the visible GPU and the launch's world size.
     gpu_memory_gb: Optional[float] = None
     # GPUs the run spreads over. None: $WORLD_SIZE, else the visible GPUs, else 1.
     world_size: Optional[int] = None
@@ -282,7 +283,7 @@ class PlanConfig:
     tokens_per_second: Optional[float] = None
     # Fraction added to the total for allocator fragmentation and transient buffers.
     headroom: float = 0.1
-    # GB per GPU for the CUDA context, cuBLAS/NCCL workspaces.
+    # GiB per GPU for the CUDA context, cuBLAS/NCCL workspaces.
     overhead_gb: float = 1.5
     # `llava train` on CUDA refuses up front when the plan's total exceeds the GPU memory.
     check: bool = True

@@ -50,7 +50,7 @@ import torch
 from llava_train.config import TrainJobConfig
 from llava_train.model.load import DTYPES, checkpoint_config, resolve_checkpoint
 
-GB = 1e9
+GB = 2**30  # GiB: what "an 80GB GPU" holds and what torch reports
 PEFT_PREFIX = "base_model.model."
 
 
@@ -112,7 +112,7 @@ class Plan:
         return self.total <= self.gpu_memory
 
     def render(self) -> str:
-        g = lambda n: f"{n / GB:8.2f} GB"  # noqa: E731
+        g = lambda n: f"{n / GB:8.2f} GiB"  # noqa: E731
         s = self.stats
         ck = "on" if self.gradient_checkpointing else "off"
         lines = [
@@ -124,12 +124,12 @@ class Plan:
             f"  gradients    {g(self.gradients)}",
             f"  optimizer    {g(self.optimizer)}",
             f"  activations  {g(self.activations_sample)} per sample (checkpointing {ck}; "
-            f"with: {self.activations_sample_ckpt / GB:.2f} GB, without: {self.activations_sample_no_ckpt / GB:.2f}"
-            f" GB) for {s.max_tokens} tokens ({s.source})",
+            f"with: {self.activations_sample_ckpt / GB:.2f} GiB, without: {self.activations_sample_no_ckpt / GB:.2f}"
+            f" GiB) for {s.max_tokens} tokens ({s.source})",
             f"  logits       {g(self.logits_sample)} per sample ({s.trained_tokens} trained positions projected)",
-            f"  x {self.samples_per_device_step} sample(s) per device step = {self.activations / GB:.2f} GB",
+            f"  x {self.samples_per_device_step} sample(s) per device step = {self.activations / GB:.2f} GiB",
             f"  overhead     {g(self.overhead)}  (CUDA context, workspaces)",
-            f"  total        {g(self.total)}  (with {self.headroom:.0%} headroom) of {self.gpu_memory / GB:.0f} GB "
+            f"  total        {g(self.total)}  (with {self.headroom:.0%} headroom) of {self.gpu_memory / GB:.0f} GiB "
             f"per GPU: {'fits' if self.fits else 'DOES NOT FIT'}",
         ]
         if self.cpu_offloaded:
@@ -143,16 +143,16 @@ class Plan:
         return "\n".join(lines)
 
 
-def world_size(cfg: TrainJobConfig) -> int:
-    if cfg.plan.world_size:
+def world_size(cfg: TrainJobConfig, *, assumed: bool = True) -> int:
+    if assumed and cfg.plan.world_size:
         return cfg.plan.world_size
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
     return max(torch.cuda.device_count(), 1)
 
 
-def gpu_memory(cfg: TrainJobConfig) -> int:
-    if cfg.plan.gpu_memory_gb:
+def gpu_memory(cfg: TrainJobConfig, *, assumed: bool = True) -> int:
+    if assumed and cfg.plan.gpu_memory_gb:
         return int(cfg.plan.gpu_memory_gb * GB)
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
@@ -234,7 +234,7 @@ def apply_zero(plan: Plan, cfg: TrainJobConfig, layer_bytes: int) -> None:
             parts = [0, 0, 0]
         plan.params_trainable, plan.params_frozen, plan.params_quantised = parts
         plan.params_frozen += layer_bytes  # the decoder layer gathered for compute
-        plan.notes.append(f"ZeRO-3 gathers one decoder layer at a time ({layer_bytes / GB:.2f} GB, counted)")
+        plan.notes.append(f"ZeRO-3 gathers one decoder layer at a time ({layer_bytes / GB:.2f} GiB, counted)")
 
 
 def activation_bytes(config, dtype: torch.dtype, tokens: int, image_tokens: int, peft_trains_projector: bool,
@@ -284,13 +284,16 @@ def scanned_stats(cfg: TrainJobConfig) -> DataStats:
     return DataStats(longest, trained, count, f"longest of {count} scanned samples; mean trained {trained}")
 
 
-def build(cfg: TrainJobConfig, stats: Optional[DataStats] = None) -> Plan:
+def build(cfg: TrainJobConfig, stats: Optional[DataStats] = None, *, assumed_hardware: bool = True) -> Plan:
+    """The plan of `cfg`; `assumed_hardware=False` ignores plan.world_size / plan.gpu_memory_gb (the fit
+    check of a real launch uses the GPUs it runs on)."""
     from llava_train.model.catalog import geometry, largest_image_tokens
 
     checkpoint = resolve_checkpoint(cfg.model)
     config = checkpoint_config(checkpoint)
-    plan = Plan(checkpoint=cfg.model.path, world_size=world_size(cfg), zero_stage=cfg.deepspeed.stage,
-                headroom=cfg.plan.headroom, overhead=int(cfg.plan.overhead_gb * GB), gpu_memory=gpu_memory(cfg),
+    plan = Plan(checkpoint=cfg.model.path, world_size=world_size(cfg, assumed=assumed_hardware),
+                zero_stage=cfg.deepspeed.stage, headroom=cfg.plan.headroom, overhead=int(cfg.plan.overhead_gb * GB),
+                gpu_memory=gpu_memory(cfg, assumed=assumed_hardware),
                 gradient_checkpointing=cfg.trainer.gradient_checkpointing)
     model = meta_training_model(cfg, config)
     parameter_bytes(model, cfg, plan)
@@ -332,10 +335,10 @@ def fit_problems(cfg: TrainJobConfig) -> list[str]:
     """On a CUDA machine: the plan's total against the visible GPU memory (one problem with the plan)."""
     if not (cfg.plan.check and torch.cuda.is_available()):
         return []
-    plan = build(cfg)
+    plan = build(cfg, assumed_hardware=False)
     if plan.fits:
         return []
-    return [f"the run does not fit the GPU ({plan.total / GB:.1f} GB planned per GPU, {plan.gpu_memory / GB:.1f} GB "
+    return [f"the run does not fit the GPU ({plan.total / GB:.1f} GiB planned per GPU, {plan.gpu_memory / GB:.1f} GiB "
             f"available); change {', '.join(KEYS_TO_CHANGE)} (or plan.check=false to try anyway):\n"
             + plan.render()]
 
