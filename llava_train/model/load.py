@@ -61,19 +61,20 @@ def is_local_checkpoint(checkpoint: str) -> bool:
 
 
 def checkpoint_config(checkpoint: str):
-    """The checkpoint's `LlavaNextConfig` (config.json only, no weights); for a released llava-hf hub id
-    that cannot be reached (offline), the tabled copy in `llava_train.model.catalog`."""
+    """The checkpoint's `LlavaNextConfig` (config.json only, no weights). A released llava-hf hub id is
+    read from the local hub cache when it is there, else from the tabled copy in
+    `llava_train.model.catalog` (no network wait on offline machines); anything else with AutoConfig."""
     from transformers import AutoConfig
 
     from llava_train.model.catalog import known_config
 
-    try:
+    known = known_config(checkpoint)
+    if known is None or Path(checkpoint).is_dir():
         return AutoConfig.from_pretrained(checkpoint)
-    except Exception:
-        known = known_config(checkpoint)
-        if known is None:
-            raise
-        log.info("config.json of %s not reachable: using the tabled config (llava_train/model/catalog.py)",
+    try:
+        return AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    except OSError:
+        log.info("%s: config.json not in the hub cache, using the tabled config (llava_train/model/catalog.py)",
                  checkpoint)
         return known
 
