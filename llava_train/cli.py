@@ -2,22 +2,29 @@
 
 Each subcommand composes `configs/<subcommand>.yaml` over its typed schema, so `key=value`
 overrides, `-m/--multirun`, `--cfg job` and `--help` work everywhere. `python -m llava_train` is the
-same entry point (for torchrun / deepspeed launchers).
+same entry point (for torchrun / deepspeed / accelerate launchers; the `--local_rank=N` argument the
+DeepSpeed launcher adds is accepted and exported as LOCAL_RANK).
+
+The configs come from `configs/` next to the package in a source checkout (the files people edit), or
+from `llava_train/_resources/configs` in an installed wheel (copied there at build time, setup.py). Your
+own config folder joins the search path with Hydra's `--config-dir DIR` (its `experiment/`, `model/`...
+files are found beside ours) or `hydra.searchpath=[file:///abs/dir]`.
 """
 
 from __future__ import annotations
 
 import re
+import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from llava_train.config import register_configs
+from llava_train.config.demo import demo_overrides
+from llava_train.resources import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 
 OmegaConf.register_new_resolver("llava_root", lambda: str(ROOT), replace=True)
@@ -29,6 +36,13 @@ def train(cfg: DictConfig) -> None:
     from llava_train.train.recipe import run
 
     run(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def plan(cfg: DictConfig) -> None:
+    from llava_train.train.plan import run as run_plan
+
+    run_plan(OmegaConf.to_object(cfg))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="preview", version_base="1.3")
@@ -78,6 +92,7 @@ def sweep_report(cfg: DictConfig) -> None:
 
 COMMANDS = {
     "train": (train, "train a LlavaNext model (LoRA / full) and evaluate it"),
+    "plan": (plan, "pre-flight: memory per GPU, tokens per step, steps per epoch; no GPU, no weights"),
     "preview": (preview, "render samples as they are trained on (trained spans marked, token counts)"),
     "doctor": (doctor, "validate a whole dataset fast and print its statistics; non-zero exit on errors"),
     "eval": (evaluate, "generation eval (exact / contains match) of an adapter, merged or base model"),
@@ -87,6 +102,9 @@ COMMANDS = {
 }
 # subcommands whose first argument may be given bare (`llava sweep-report DIR` = `... dir=DIR`)
 POSITIONAL = {"sweep-report": "dir"}
+# `llava plan` composes the train config; it prints only (no run folder, no log file)
+EXTRA = {"plan": ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
+                  "hydra/hydra_logging=none"]}
 
 
 def usage() -> str:
@@ -123,8 +141,22 @@ def trainer_key_help(key: str) -> str:
     return describe_field(key, f.default_factory() if callable(f.default_factory) else f.default)
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """The DeepSpeed launcher (without --no_local_rank) passes `--local_rank=N` before the script's own
+    arguments: no Hydra override. Drop it; export LOCAL_RANK when the launcher did not set it."""
+    rest, it = [], iter(argv)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag in ("--local_rank", "--local-rank"):
+            value = value if eq else next(it, "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            rest.append(arg)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -138,10 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     if name == "train" and len(rest) == 2 and rest[0] in ("-h", "--help") and rest[1].startswith("trainer."):
         print(trainer_key_help(rest[1].removeprefix("trainer.")))  # `llava train --help trainer.optim`
         return
-    problems = trainer_key_problems(rest) if name == "train" else []
+    problems = trainer_key_problems(rest) if name in ("train", "plan") else []
     if problems:
         print("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         raise SystemExit(2)
+    rest = [*EXTRA.get(name, []), *demo_overrides(name, rest)]
     sys.argv = [f"llava {name}", *rest]
     COMMANDS[name][0]()
 

@@ -21,7 +21,7 @@ class Choice(str, Enum):
 
 Family = Choice("Family", {n: n for n in ("mistral", "vicuna", "chatml", "llama3", "qwen")})  # prompt formats
 DType = Choice("DType", {n: n for n in ("fp32", "bf16", "fp16")})
-Attention = Choice("Attention", {n: n for n in ("sdpa", "eager", "flash_attention_2")})
+Attention = Choice("Attention", {n: n for n in ("sdpa", "eager", "flash_attention_2", "auto")})
 Method = Choice("Method", {n: n for n in ("lora", "qlora", "full")})
 QuantType = Choice("QuantType", {n: n for n in ("nf4", "fp4")})
 QuantStorage = Choice("QuantStorage", {n: n for n in ("uint8", "bf16", "fp16", "fp32")})

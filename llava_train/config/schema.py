@@ -56,7 +56,8 @@ class ModelConfig:
     # Prompt family used to render conversations: mistral | vicuna | chatml | llama3 | qwen.
     family: Family = Family.mistral
     dtype: DType = DType.fp32
-    attn_implementation: Attention = Attention.sdpa  # sdpa | eager | flash_attention_2
+    attn_implementation: Attention = Attention.sdpa  # sdpa | eager | flash_attention_2 | auto
+    # (auto: flash_attention_2 when flash-attn is importable on a CUDA machine, else sdpa; decided at load)
     # Where "tiny" is materialised. Empty: $LLAVA_TRAIN_CACHE or ~/.cache/llava-train.
     cache_dir: str = ""
     # Modules trained fully (and saved with an adapter). A randomly initialised base such as the tiny
@@ -106,6 +107,8 @@ class DataConfig:
     # What to do with a bad sample (missing image, bad conversation...): error | skip.
     on_error: OnError = OnError.error
     num_workers: int = 0
+    # Keep the DataLoader workers alive between epochs (only with num_workers > 0).
+    persistent_workers: bool = False
     # Input format: auto (detected per row) | llava (conversations/from/value) | messages (role/content).
     format: DataFormat = DataFormat.auto
     # Train only the last assistant reply of each sample (earlier replies become context, label -100).
@@ -282,6 +285,31 @@ class LoggerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`llava plan`, and the fit check `llava train` runs on a CUDA machine (llava_train/train/plan.py)."""
+
+    # Memory per GPU in GiB (an "80GB" GPU holds 80 GiB). None: the visible GPU's, else 80.
+    # `llava train`'s fit check on CUDA always uses the visible GPU and the launch's world size.
+    gpu_memory_gb: Optional[float] = None
+    # GPUs the run spreads over. None: $WORLD_SIZE, else the visible GPUs, else 1.
+    world_size: Optional[int] = None
+    # Text tokens per sample beside the checkpoint's largest image (when the data are not scanned).
+    text_tokens: int = 512
+    # Read the training data as `llava doctor` does: sample count, longest sample and trained tokens.
+    scan_data: bool = False
+    # Training samples per epoch when the data are not scanned (steps per epoch). None: unknown.
+    num_samples: Optional[int] = None
+    # Measured real tokens per second per GPU (e.g. from log.jsonl): wall time per epoch. None: not shown.
+    tokens_per_second: Optional[float] = None
+    # Fraction added to the total for allocator fragmentation and transient buffers.
+    headroom: float = 0.1
+    # GiB per GPU for the CUDA context, cuBLAS/NCCL workspaces.
+    overhead_gb: float = 1.5
+    # `llava train` on CUDA refuses up front when the plan's total exceeds the GPU memory.
+    check: bool = True
+
+
+@dataclass
 class TrainJobConfig:
     """`llava train`: everything one training run needs."""
 
@@ -293,6 +321,7 @@ class TrainJobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # Where checkpoints, the final adapter and metrics.json go. Empty: Hydra's run folder.
     output_dir: str = ""
     seed: int = 42

@@ -15,6 +15,7 @@ import torch
 
 from llava_train.config.schema import ModelConfig
 from llava_train.model.load import DTYPES, TINY, resolve_checkpoint
+from llava_train.model.load import attn_implementation as resolve_attn
 
 ADAPTER_CONFIG = "adapter_config.json"
 FINAL = "final"  # the folder `llava train` saves its final model into
@@ -64,7 +65,7 @@ def load_for_inference(resolved: Resolved, dtype: str = "fp32", attn_implementat
     from transformers import LlavaNextForConditionalGeneration
 
     model = LlavaNextForConditionalGeneration.from_pretrained(resolved.base, dtype=DTYPES[dtype],
-                                                              attn_implementation=attn_implementation)
+                                                              attn_implementation=resolve_attn(attn_implementation))
     if resolved.is_adapter:
         from peft import PeftModel
 

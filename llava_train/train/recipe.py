@@ -36,7 +36,7 @@ from llava_train.train.distributed import (
 )
 from llava_train.train.resume import CheckpointSealer, Preemption, drop_unsealed, resolve_resume
 from llava_train.train.trainer import LlavaTrainer, LossRecorder
-from llava_train.train.validate import check_train
+from llava_train.train.validate import check_fits, check_train
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
 
     `callbacks`: extra `TrainerCallback`s (e.g. a library user's own) added to the trainer."""
     check_train(cfg)
+    check_fits(cfg)  # CUDA only: the `llava plan` total against the visible GPU memory
     init_distributed(cfg.deepspeed)  # before TrainingArguments (ZeRO-3 batch check, partitioned init)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,8 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *
     model = apply_peft(model, peft_cfg, model_cfg, gradient_checkpointing=gradient_checkpointing,
                        zero_stage=zero_stage)
     print(f"method: {peft_cfg.method}, model.dtype: {model_cfg.dtype}", flush=True)
-    print(describe(model, attn_implementation=model_cfg.attn_implementation,
+    attention = getattr(model.config, "_attn_implementation", None) or model_cfg.attn_implementation
+    print(describe(model, attn_implementation=attention,
                    reentrant=checkpoint_reentrant(model_cfg, zero_stage)), flush=True)
     return model
 
@@ -156,6 +158,7 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         project=cfg.logger.project,
         remove_unused_columns=False,
         dataloader_num_workers=cfg.data.num_workers,
+        dataloader_persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0,
         seed=cfg.seed,
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 from transformers import SchedulerType
 
-from llava_train.config import TrainJobConfig
+from llava_train.config import DataConfig, TrainJobConfig
 from llava_train.config.hf_args import choice_problem, value_problems
 from llava_train.data.dataset import check_data
 from llava_train.data.sampler import batching_problems
@@ -15,6 +16,7 @@ from llava_train.model.adapt import checkpoint_reentrant
 from llava_train.model.load import checkpoint_config, meta_model, resolve_checkpoint
 from llava_train.model.quantize import skip_problems
 from llava_train.model.targets import target_problems
+from llava_train.resources import DEMO_DATA
 from llava_train.train.distributed import check_deepspeed
 from llava_train.train.resume import check_resume_settings
 
@@ -34,7 +36,10 @@ def world_size() -> int:
 def check_train(cfg: TrainJobConfig) -> None:
     """Raise `ConfigError` listing every problem found in `cfg` (no weights, no data decoding)."""
     problems: list[str] = value_problems(cfg.trainer)  # closed choices are enums: Hydra refused bad ones
-    problems += check_data(cfg.data)
+    problems += check_data(cfg.data) + demo_eval_problems(cfg.data)
+    if cfg.data.train_path and cfg.data.sources:
+        problems.append(f"both data.train_path={cfg.data.train_path} and data.sources are set: data.sources replaces "
+                        "data.train_path, so clear one of them (data.train_path= or data.sources=[])")
     problems += batching_problems(cfg.data)
     d = cfg.data
     if cfg.trainer.data_order == "sequential" and (d.group_by_length or d.group_by_modality or d.packing
@@ -54,6 +59,15 @@ def check_train(cfg: TrainJobConfig) -> None:
                         "eval split: set data.eval_path (or trainer.eval_strategy=no)")
     problems += model_problems(cfg)
     problems += check_deepspeed(cfg.deepspeed, cfg.peft) + check_resume_settings(cfg.trainer)
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_fits(cfg: TrainJobConfig) -> None:
+    """On a CUDA machine, refuse a run whose memory plan (`llava plan`) exceeds the visible GPU memory."""
+    from llava_train.train.plan import fit_problems
+
+    problems = fit_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -120,7 +134,7 @@ def _checkpoint_problems(cfg: TrainJobConfig) -> list[str]:
         config = checkpoint_config(resolve_checkpoint(m))
     except Exception as e:  # hub id offline, missing folder, not a transformers checkpoint...
         return [f"model.path={m.path!r}: cannot read its config.json ({type(e).__name__}: {e})"]
-    problems = []
+    problems = image_length_problems(cfg.data, config)
     weights = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
     if m.dtype == "fp16" and weights == "bfloat16":
         problems.append("model.dtype=fp16 but the checkpoint's weights are bf16: bf16 values overflow fp16's range "
@@ -131,3 +145,35 @@ def _checkpoint_problems(cfg: TrainJobConfig) -> list[str]:
         if p.method == "qlora":
             problems += skip_problems(p, [n for n, _ in model.named_modules()])
     return problems
+
+
+def image_length_problems(data: DataConfig, config) -> list[str]:
+    """data.max_length must hold at least one image of the checkpoint's largest size: shorter, every such
+    sample is dropped (an image is never cut)."""
+    from llava_train.model.catalog import geometry, largest_image_tokens
+
+    geo = geometry(config)
+    largest = largest_image_tokens(geo)
+    if data.max_length >= largest:
+        return []
+    return [f"data.max_length={data.max_length} is smaller than one image of the checkpoint's largest size: "
+            f"{largest} tokens (base {geo.image_size} px, patch {geo.patch_size}, grid pinpoints "
+            f"{[list(p) for p in geo.grid_pinpoints]}); samples with such images would all be dropped. Set "
+            f"data.max_length >= {largest} plus your text (the real-model configs use 4096)"]
+
+
+def demo_eval_problems(data: DataConfig) -> list[str]:
+    """The bundled demo eval set scores the demo task only: refuse it beside other training data."""
+    demo = DEMO_DATA.resolve()
+
+    def is_demo(path) -> bool:
+        return bool(path) and demo in Path(path).resolve().parents
+
+    if not data.eval_path or not is_demo(data.eval_path):
+        return []
+    train = [data.train_path] + [s.path for s in data.sources] if data.train_path else [s.path for s in data.sources]
+    if train and all(is_demo(t) for t in train):
+        return []
+    return [f"data.eval_path={data.eval_path} is the bundled demo eval set (synthetic shapes) but the training "
+            f"data ({', '.join(map(str, train)) or 'none'}) is not the demo: set data.eval_path to your own "
+            "eval set, or data.eval_path=null"]
