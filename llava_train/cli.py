@@ -13,8 +13,8 @@ files are found beside ours) or `hydra.searchpath=[file:///abs/dir]`.
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import sys
 
 import hydra
