@@ -20,11 +20,11 @@ def _job(overrides):
 
 def test_hf_fields_reach_training_arguments(tmp_path):
     job = _job(["trainer.optim=adamw_bnb_8bit", "trainer.eval_strategy=steps", "trainer.eval_steps=5",
-                "trainer.dataloader_persistent_workers=true", "trainer.torch_compile=true", "logger=tensorboard"])
+                "trainer.dataloader_drop_last=true", "trainer.torch_compile=true", "logger=tensorboard"])
     args = training_arguments(job, tmp_path)
     assert isinstance(args, TrainingArguments)
     assert args.optim == "adamw_bnb_8bit" and args.eval_strategy == "steps" and args.eval_steps == 5
-    assert args.dataloader_persistent_workers and args.torch_compile
+    assert args.dataloader_drop_last and args.torch_compile
     assert args.report_to == ["tensorboard"]  # the logger group is the one way to pick a tracker
     # the project's own keys still win where they mean something: model=tiny's recipe, optim.lr
     assert args.max_steps == 400 and args.per_device_train_batch_size == 16 and args.learning_rate == 2e-3
