@@ -66,7 +66,8 @@ class LlavaTrainer(Trainer):
     def _workers_ignore_signals(self, loader):
         """Preemption signals sent to the whole process group must not kill the workers (the run would die
         with "DataLoader worker killed" instead of checkpointing): they ignore them (train/resume.py)."""
-        loader.worker_init_fn = ignore_signals_in_worker(self.worker_ignored_signals, loader.worker_init_fn)
+        base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates the DataLoader inside
+        base.worker_init_fn = ignore_signals_in_worker(self.worker_ignored_signals, base.worker_init_fn)
         return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
