@@ -36,6 +36,7 @@ setsid "$PYTHON" -m torch.distributed.run \
   --master_port "$MASTER_PORT" \
   -m llava_train train "$@" &
 agent=$!
+# shellcheck disable=SC2329  # called by the traps below
 forward() {
   pkill "-$1" -P "$agent" 2>/dev/null || kill "-$1" "$agent" 2>/dev/null || true
 }
