@@ -17,7 +17,9 @@ workers ignore these signals (`ignore_signals_in_worker`), so a signal sent to t
 
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
 import re
 import signal
 from pathlib import Path
@@ -125,8 +127,26 @@ def check_resume(value: str) -> list[str]:
 
 def ignore_signals_in_worker(signals: list[int], init_fn=None):
     """A DataLoader `worker_init_fn`: the worker ignores `signals` (the main process handles them and shuts
-    the workers down), then runs `init_fn` (HF's seeding) if any."""
+    the workers down), then runs `init_fn` (HF's seeding) if any. Called in the main process, it also makes
+    sure workers are stopped at exit (`_kill_workers_at_exit`)."""
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(_kill_workers_at_exit)  # runs before multiprocessing's own exit hook (registered earlier)
+        _EXIT_HOOK = True
     return _WorkerInit(tuple(signals), init_fn)
+
+
+_EXIT_HOOK = False
+
+
+def _kill_workers_at_exit() -> None:
+    """At exit multiprocessing terminates daemonic children (DataLoader workers still alive when the loader was
+    not shut down) with SIGTERM, which these workers ignore, and then waits for them forever: end them with
+    SIGKILL instead (they hold nothing to save)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 class _WorkerInit:

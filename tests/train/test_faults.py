@@ -117,16 +117,17 @@ def killed_and_resumed(reference):
                              "trainer.overwrite_output_dir=true"], cwd=REPO, capture_output=True, text=True,
                             timeout=TIMEOUT, env={**os.environ, **ENV})
     new_id = RunIdentity.read(k).run_id
+    after_kill = {"staging": snapshot(k / STAGING), "checkpoints": sorted(p.name for p in k.glob("checkpoint-*"))}
     shutil.copytree(root / "ref" / "checkpoint-4", k / "checkpoint-3")  # complete, but of the old run
     shutil.copytree(k / "checkpoint-2", k / "checkpoint-5")
     with open(k / "checkpoint-5" / "optimizer.pt", "r+b") as f:  # this run's, but truncated
         f.truncate(100)
     resumed = train(k, *COMMON, "trainer.resume=auto")
-    return root, k, killed, resumed, old_id, new_id
+    return root, k, killed, resumed, old_id, new_id, after_kill
 
 
 def test_kill_while_writing_checkpoint_leaves_only_complete_ones(killed_and_resumed):
-    root, k, killed, resumed, old_id, new_id = killed_and_resumed
+    root, k, killed, resumed, old_id, new_id, after_kill = killed_and_resumed
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert new_id != old_id
     # the old run was moved aside whole, its checkpoints intact (never rewritten in place)
@@ -135,12 +136,14 @@ def test_kill_while_writing_checkpoint_leaves_only_complete_ones(killed_and_resu
     assert snapshot(aside / "checkpoint-4") == snapshot(root / "ref" / "checkpoint-4")
     assert is_complete(aside / "checkpoint-4")[0] and (aside / "final").is_dir()
     # the kill came while checkpoint-4 was in its staging folder: it never appeared as a checkpoint
-    assert (k / STAGING / "checkpoint-4" / "optimizer.pt").stat().st_size == 0
+    assert after_kill["checkpoints"] == ["checkpoint-2"]
+    assert after_kill["staging"]["checkpoint-4/optimizer.pt"] == 0
+    assert "checkpoint-4/adapter_model.safetensors" in after_kill["staging"]  # written before the kill
     assert not is_complete(k / "checkpoint-5")[0] and "differ from its seal" in is_complete(k / "checkpoint-5")[1]
 
 
 def test_resume_picks_own_complete_checkpoint_and_keeps_one_history(killed_and_resumed):
-    root, k, killed, resumed, old_id, new_id = killed_and_resumed
+    root, k, killed, resumed, old_id, new_id, after_kill = killed_and_resumed
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from {k / 'checkpoint-2'}" in resumed.stdout  # not 3 (another run's) nor 5 (truncated)
     ref, got = losses(root / "ref"), losses(k)
@@ -179,13 +182,21 @@ def _sigterm_group_after_first_step(proc, also=None) -> str:
                 break
         rest, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("".join(lines)[-4000:])
+        import psutil  # the ranks run in sessions of their own: end the whole tree
+
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()
+        rest, _ = proc.communicate()
+        pytest.fail(("".join(lines) + rest)[-6000:])
     return "".join(lines) + rest
 
 
 def _check_preempted(out: Path, output: str):
+    import psutil
+
     assert "preempted: checkpoint saved" in output, output[-4000:]
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if f"output_dir={out}" in (p.info["cmdline"] or [])]
+    assert not left, f"processes of the run (ranks or DataLoader workers) still alive: {left}"
     ckpts = sorted(out.glob("checkpoint-*"))
     assert len(ckpts) == 1 and is_complete(ckpts[0])[0]
     assert not (out / "final").exists()
