@@ -24,10 +24,29 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-python}
 
-exec "$PYTHON" -m torch.distributed.run \
+# Preemption (SLURM, `docker stop`, a kill of this process group): the ranks, not torchrun's agent, get the
+# signal. The agent runs in a session of its own (setsid) so a signal to this group does not reach it (it would
+# stop the ranks and exit 1); this script passes SIGTERM/SIGUSR1 on to the ranks, which save a checkpoint at
+# the end of the step and exit 0 (llava_train/train/resume.py), and the agent then exits 0 too.
+setsid "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" \
   --node_rank "$NODE_RANK" \
   --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "$MASTER_ADDR" \
   --master_port "$MASTER_PORT" \
-  -m llava_train train "$@"
+  -m llava_train train "$@" &
+agent=$!
+# shellcheck disable=SC2329  # called by the traps below
+forward() {
+  pkill "-$1" -P "$agent" 2>/dev/null || kill "-$1" "$agent" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap 'forward INT' INT
+# `wait` returns early when a trapped signal arrives: wait again until the agent has really exited
+while :; do
+  status=0
+  wait "$agent" || status=$?
+  kill -0 "$agent" 2>/dev/null || break
+done
+exit "$status"

@@ -220,8 +220,13 @@ class TrainerConfig:
     # When set, must equal world size x per_device_train_batch_size x gradient_accumulation_steps.
     global_batch_size: Optional[int] = None
     # Continue from a checkpoint: "auto" (the newest complete checkpoint in output_dir, else start fresh),
-    # a checkpoint folder, or "false". Only checkpoints sealed by llava_train.train.resume are picked.
+    # a checkpoint folder, or "false". Only complete checkpoints (their seal matches their files) of the
+    # same run are picked; what a start in a used output_dir does: llava_train/train/identity.py.
     resume: str = "false"
+    # Resume (trainer.resume=PATH) from a checkpoint of another run (other configuration or data).
+    resume_other_run: bool = False
+    # Start anew in an output_dir that holds a run: the old run is moved aside to <output_dir>.<its run id>.
+    overwrite_output_dir: bool = False
     # Order of training samples: random (seeded) | sequential (e.g. to compare runs rank for rank).
     data_order: DataOrder = DataOrder.random
     # Signals that save a checkpoint and stop cleanly (SLURM preemption sends SIGTERM, or SIGUSR1 with --signal).

@@ -31,6 +31,7 @@ from llava_train.constants import IMAGE_SIZES, IMAGE_TOKEN, INPUT_IDS, LABELS, P
 from llava_train.data.dataset import Encoder, SkipReport, validate_conversation
 from llava_train.data.formats import DataError, to_conversation
 from llava_train.data.images import ImageGeometry, image_size, load_rgb, num_image_tokens
+from llava_train.files import open_lock
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,10 @@ def _cached_scan(path: Path):
     cache = path.with_name(path.name + ".lazyindex.npz")
     stat = path.stat()
     key = np.asarray([_CACHE_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
-    try:
-        lock = open(path.with_name(path.name + ".lazyindex.lock"), "w")
-    except OSError:
+    try:  # never through a symlink, never truncating anything (llava_train/files.py)
+        lock = os.fdopen(open_lock(path.with_name(path.name + ".lazyindex.lock")), "r+")
+    except OSError as e:
+        log.warning("lazy index of %s not cached: %s", path, e)
         return _scan(path)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes

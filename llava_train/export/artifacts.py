@@ -14,9 +14,8 @@ TRAINING_CONFIG = "training_config.yaml"
 
 
 def write_adapter(resolved: Resolved, processor, train_config_yaml: str, dest: Path) -> Path:
-    """PEFT adapter files + processor (tokenizer, image processor, chat template) + training config."""
-    if dest.exists():
-        shutil.rmtree(dest)
+    """PEFT adapter files + processor (tokenizer, image processor, chat template) + training config, into a new
+    folder `dest`."""
     dest.mkdir(parents=True)
     for f in Path(resolved.model_dir).iterdir():
         if f.is_file() and f.name not in SKIP:
@@ -33,8 +32,6 @@ def write_merged(resolved: Resolved, processor, dtype: str, max_shard_size: str,
     projector replaced by their trained copies), in `dtype`, as sharded safetensors."""
     from llava_train.model.load import DTYPES
 
-    if dest.exists():
-        shutil.rmtree(dest)
     model = load_for_inference(resolved, "fp32", device="cpu", merge=True)
     model = model.to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]

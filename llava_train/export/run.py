@@ -16,9 +16,13 @@ from llava_train.config.schema import TrainJobConfig
 from llava_train.export import hub
 from llava_train.export.artifacts import write_adapter, write_merged
 from llava_train.export.card import build_card
+from llava_train.files import inside, publish, remove_staging
 from llava_train.model.inference import FINAL, load_processor_for, resolve
 
 CONFIG_FILES = ("config.yaml", ".hydra/config.yaml")  # resolved by `llava train`, else Hydra's copy
+RUN_MARKERS = ("run.json", "config.yaml", "log.jsonl")  # a training output folder
+MODEL_FILES = ("adapter_config.json", "config.json")  # a model folder (e.g. a checkpoint-N)
+EXPORT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _training_outputs(source: Path) -> tuple[str, TrainJobConfig, dict[str, Any]]:
@@ -31,10 +35,42 @@ def _training_outputs(source: Path) -> tuple[str, TrainJobConfig, dict[str, Any]
     return text, load_train_config(text), metrics
 
 
+def check_export(cfg: ExportConfig, out: Path) -> None:
+    """Refuse, before anything loads: an unknown dtype, a source that does not exist or is a training output
+    that never finished (no final/), and a destination that overlaps a folder read (its model folder, a local
+    base), since writing there would destroy what is being exported."""
+    from llava_train.train.validate import ConfigError, model_path_problems
+
+    problems = []
+    if cfg.dtype not in EXPORT_DTYPES:
+        problems.append(f"export.dtype={cfg.dtype!r}: use one of {list(EXPORT_DTYPES)} "
+                        "(auto: the training model.dtype)")
+    source = Path(cfg.source)
+    missing = model_path_problems(cfg.source, "export.source")  # a hub id is left to the hub
+    if missing:
+        problems += missing
+    elif (source.is_dir() and not (source / FINAL).is_dir() and any((source / f).exists() for f in RUN_MARKERS)
+          and not any((source / f).exists() for f in MODEL_FILES)):
+        problems.append(f"export.source={cfg.source!r} is a training output without {FINAL}/ (the run was "
+                        f"interrupted or is still running): continue it with trainer.resume=auto, or export one of "
+                        f"its checkpoints (export.source={source / 'checkpoint-N'})")
+    if not problems:
+        resolved = resolve(cfg.source, cfg.base_model)
+        read = [Path(resolved.model_dir)] + ([Path(resolved.base)] if Path(resolved.base).is_dir() else [])
+        for folder in read:
+            if inside(out, folder) or inside(folder, out):
+                problems.append(f"output_dir={out} and the exported model {folder} overlap (one inside the other): "
+                                "the export would overwrite its own source; choose output_dir outside it")
+                break
+    if problems:
+        raise ConfigError(problems)
+
+
 def run(cfg: ExportConfig, output_dir: str) -> dict[str, Any]:
+    out = Path(output_dir or Path(cfg.source) / "export")
+    check_export(cfg, out)
     resolved = resolve(cfg.source, cfg.base_model)
     config_text, train_cfg, metrics = _training_outputs(Path(cfg.source))
-    out = Path(output_dir or Path(cfg.source) / "export")
     dtype = str(cfg.dtype if cfg.dtype != "auto" else train_cfg.model.dtype)
     processor = load_processor_for(resolved)
     model_path = train_cfg.model.path
@@ -46,16 +82,26 @@ def run(cfg: ExportConfig, output_dir: str) -> dict[str, Any]:
         return build_card(kind=kind, repo_id=cfg.repo_id, base_model=card_base, datasets=datasets,
                           train_cfg=train_cfg, metrics=metrics, license=cfg.license, tags=list(cfg.tags))
 
+    def publish_new(kind: str, write) -> None:
+        """Written into a temporary folder, then renamed; an earlier export there is moved aside, not deleted."""
+        staging = out / f".{kind}.partial"
+        remove_staging(staging)
+        write(staging)
+        card(kind).save(staging / "README.md")
+        moved = publish(staging, out / kind)
+        if moved:
+            print(f"{kind}: the earlier export there was moved to {moved}", flush=True)
+        written[kind] = out / kind
+
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.adapter:
         if resolved.is_adapter:
-            written["adapter"] = write_adapter(resolved, processor, config_text, out / "adapter")
-            card("adapter").save(written["adapter"] / "README.md")
+            publish_new("adapter", lambda d: write_adapter(resolved, processor, config_text, d))
             print(f"adapter: {written['adapter']} (PEFT; base {resolved.base})", flush=True)
         else:
             print(f"adapter: skipped, {resolved.model_dir} is a full checkpoint (no adapter_config.json)", flush=True)
     if cfg.merged:
-        written["merged"] = write_merged(resolved, processor, dtype, cfg.max_shard_size, config_text, out / "merged")
-        card("merged").save(written["merged"] / "README.md")
+        publish_new("merged", lambda d: write_merged(resolved, processor, dtype, cfg.max_shard_size, config_text, d))
         print(f"merged: {written['merged']} ({dtype}, shards of at most {cfg.max_shard_size})", flush=True)
 
     result: dict[str, Any] = {"written": {k: str(v) for k, v in written.items()}}

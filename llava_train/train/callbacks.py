@@ -6,7 +6,8 @@
   contains match, per question type). Under ZeRO-3 every rank generates its shard with
   `synced_gpus=True` (see `llava_train.evaluate.generate`).
 - `Tracking` (rank 0 only): the resolved config (`config.yaml`, needed by `llava export`), a plain JSONL
-  log (`log.jsonl`) always, throughput, a loss / eval-accuracy PNG next to each checkpoint and in the
+  log (`log.jsonl`) always (HF's `state.log_history`, which checkpoints carry: a resumed run's log and
+  curves continue its history), throughput, a loss / eval-accuracy PNG next to each checkpoint and in the
   output folder. The tracker itself (`logger=wandb|tensorboard|mlflow|trackio`) is HF Trainer's own
   integration (`report_to`), which logs the metrics; on top of it, with wandb, the run is started here
   (project, entity, tags, offline when there is no network, the resolved config) and gets a table of
@@ -28,6 +29,7 @@ from transformers import TrainerCallback
 
 from llava_train.config.schema import EvalConfig, LoggerConfig, TrainJobConfig
 from llava_train.evaluate.generate import Prediction, generate_predictions, metrics
+from llava_train.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,9 @@ class Tracking(TrainerCallback):
     # --- events -------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (state.global_step, time.time())
+        if self.is_main and state.log_history:  # resumed: the history so far comes from the checkpoint
+            self.history = [dict(h) for h in state.log_history]
+            write_text_atomic(self.out / LOG_FILE, "".join(json.dumps(h) + "\n" for h in self.history))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.is_main or not logs:
@@ -156,13 +161,16 @@ class Tracking(TrainerCallback):
             self._last = (state.global_step, now)
         elif any(k.startswith("eval_") for k in logs):  # throughput counts training time only
             self._last = (state.global_step, time.time())
+        entry = state.log_history[-1] if state.log_history else None
+        if entry is not None and all(entry.get(k) == v for k, v in logs.items()):
+            # the entry HF just added: our extras go into it too, so checkpoints carry them across a resume
+            entry.update({k: v for k, v in row.items() if k not in logs})
         self._record(row, logged=logs)
 
-    def on_save(self, args, state, control, **kwargs):
+    def write_curves(self, folder: Path, state=None) -> None:
+        """The curves so far into a checkpoint being written (called by the trainer before sealing it)."""
         if self.is_main:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                plot_curves(self.history, ckpt / PLOT_FILE)
+            plot_curves(self.history, folder / PLOT_FILE)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.is_main:
@@ -263,6 +271,8 @@ def attach_callbacks(trainer, cfg: TrainJobConfig, eval_ds, tokenizer, out: Path
     tracking = Tracking(cfg.logger, cfg, out, eval_ds, is_main=trainer.is_world_process_zero())
     tracking.start()
     trainer.add_callback(tracking)
+    if hasattr(trainer, "checkpoint_writers"):
+        trainer.checkpoint_writers.append(tracking.write_curves)
     if eval_ds is not None and cfg.eval.enabled and trainer.args.eval_strategy != "no":
         # HF's evaluation loop (sharded and gathered by HF) keeps only the loss (no logits gathered)
         trainer.args.prediction_loss_only = True

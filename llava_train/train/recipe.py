@@ -22,6 +22,7 @@ from llava_train.data.index import LazyConversationDataset
 from llava_train.data.sampler import batching
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
+from llava_train.files import write_json_atomic
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint
 from llava_train.model.quantize import quantization_config
@@ -34,8 +35,9 @@ from llava_train.train.distributed import (
     main_process_first,
     teardown,
 )
-from llava_train.train.resume import CheckpointSealer, Preemption, drop_unsealed, resolve_resume
-from llava_train.train.trainer import LlavaTrainer, LossRecorder
+from llava_train.train.identity import Claim, RunFolder, RunIdentity
+from llava_train.train.resume import Preemption
+from llava_train.train.trainer import LlavaTrainer
 from llava_train.train.validate import check_fits, check_train
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,24 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     check_fits(cfg)  # CUDA only: the `llava plan` total against the visible GPU memory
     init_distributed(cfg.deepspeed)  # before TrainingArguments (ZeRO-3 batch check, partitioned init)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out)
+    claim = folder.claim(cfg)  # refuses another run's folder or a live run there (train/identity.py)
+    try:
+        return train(cfg, out, claim, callbacks)
+    finally:
+        folder.release()
+
+
+def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[str, Any]:
+    identity = claim.identity
+    if claim.moved_to:
+        print(f"{out} held an earlier run: moved it to {claim.moved_to}", flush=True)
+    if claim.finished:
+        print(f"run {identity.run_id} in {out} has already finished: nothing to do (trainer.resume=false starts "
+              "it anew, moving this one aside)", flush=True)
+        teardown()
+        return json.loads((out / "metrics.json").read_text())
+    print(f"run {identity.run_id} (fingerprint {identity.fingerprint}) in {out}", flush=True)
     torch.manual_seed(cfg.seed)
 
     with main_process_first():
@@ -64,28 +83,25 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
                         zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
     preemption = Preemption(cfg.trainer.preemption_signals)
-    trainer, losses = build_trainer(cfg, model, train_ds, processor, out, args=args,
-                                    callbacks=[CheckpointSealer(), preemption, *callbacks], eval_ds=eval_ds)
+    trainer = build_trainer(cfg, model, train_ds, processor, out, args=args, callbacks=[preemption, *callbacks],
+                            eval_ds=eval_ds, identity=identity)
     tracking = attach_callbacks(trainer, cfg, eval_ds, processor.tokenizer, out)
-    resume_from = resolve_resume(cfg.trainer.resume, out)
-    if is_main_process():
-        drop_unsealed(out, resume_from)
+    resume_from = claim.resume
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
     start = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - start
+    losses = loss_history(trainer.state.log_history)  # the whole run's, resumed or not
     if preemption.preempted:
         print(f"preempted: checkpoint saved to {preemption.checkpoint}; resume with trainer.resume=auto", flush=True)
         teardown()
         return {"preempted": True, "checkpoint": preemption.checkpoint, "loss_history": losses}
 
-    final = out / FINAL
-    trainer.save_model(str(final))
-    if is_main_process():
-        processor.save_pretrained(str(final))
+    trainer.save_final(out / FINAL, processor)
 
     results: dict[str, Any] = {
+        "run_id": identity.run_id,
         "train_loss": losses[-1][1] if losses else None,
         "first_train_loss": losses[0][1] if losses else None,
         "loss_history": losses,
@@ -101,9 +117,14 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
         results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out if is_main_process() else None))
     tracking.finish(results, trainer.state.global_step, rows=cfg.eval.table_rows)
     if is_main_process():
-        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(out / "metrics.json", results)
     teardown()
     return results
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, training loss) of every training log in HF's history (which a checkpoint carries across resumes)."""
+    return [(h["step"], float(h["loss"])) for h in log_history if "loss" in h and "step" in h]
 
 
 def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
@@ -168,10 +189,10 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
-def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, args=None, callbacks=(), eval_ds=None):
+def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, args=None, callbacks=(), eval_ds=None,
+                  identity: Optional[RunIdentity] = None):
     """The trainer; with HF's eval schedule on (trainer.eval_strategy, or eval.every_steps), its eval set is
     the first eval.max_samples eval samples (eval loss by HF's loop, generation metrics by GenerationEval)."""
-    recorder = LossRecorder()
     args = args if args is not None else training_arguments(cfg, out)
     collator, sampler = batching(cfg.data, train_ds, processor.tokenizer.pad_token_id,
                                  batch_size=args.per_device_train_batch_size, world_size=args.world_size,
@@ -182,12 +203,14 @@ def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, ar
         train_dataset=train_ds,
         eval_dataset=in_training_eval_set(cfg.eval, eval_ds) if args.eval_strategy != "no" else None,
         data_collator=collator,
-        callbacks=[recorder, *callbacks],
+        callbacks=list(callbacks),
         optim_cfg=cfg.optim,
         train_batch_sampler=sampler,
         prefetch_factor=cfg.data.prefetch_factor,
+        identity=identity,
+        worker_ignored_signals=cfg.trainer.preemption_signals,
     )
-    return trainer, recorder.losses
+    return trainer
 
 
 def evaluate(model, eval_ds, tokenizer, cfg: TrainJobConfig, out: Optional[Path]) -> dict[str, Any]:

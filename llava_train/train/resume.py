@@ -1,23 +1,26 @@
-"""Resuming and preemption: sealed checkpoints, `trainer.resume=auto|PATH|false`, SIGTERM/SIGUSR1.
+"""Resuming and preemption: complete checkpoints, `trainer.resume=auto|PATH|false`, SIGTERM/SIGUSR1.
 
-HF Trainer writes `checkpoint-N/` file by file (adapter with the projector and trained modules,
-optimizer, scheduler, RNG state of every rank, trainer state holding the step, from which the seeded
-sampler's position is replayed). A job killed while writing leaves a folder that looks like a
-checkpoint but cannot be resumed. `CheckpointSealer` writes a marker file into the folder once every
-rank has finished writing it (atomically: temporary file + rename); `resume=auto` only ever picks
-sealed checkpoints, and unsealed leftovers are removed before training continues.
+HF Trainer writes `checkpoint-N/` file by file (adapter with the projector and trained modules, optimizer,
+scheduler, RNG state of every rank, trainer state holding the step and the log history, from which the
+seeded sampler's position is replayed). `LlavaTrainer._save_checkpoint` (train/trainer.py) has every rank
+write into `<output_dir>/.staging/checkpoint-N`, then rank 0, after a barrier, writes a seal listing every
+file with its size and the run's identity (`seal`), and renames the folder into place. A checkpoint folder
+is thus never rewritten in place, and a folder is complete exactly when its seal matches its files
+(`is_complete`); `resume=auto` only picks complete checkpoints of the same run (`latest_complete`).
 
 `Preemption` turns SIGTERM / SIGUSR1 (what SLURM sends before preempting or at the time limit) into
 "save a checkpoint at the end of this step and stop": the flag is agreed on by all ranks (the save is
-collective under DeepSpeed), and the recipe then exits cleanly without the final save/eval.
+collective under DeepSpeed), and the recipe then exits cleanly without the final save/eval. DataLoader
+workers ignore these signals (`ignore_signals_in_worker`), so a signal sent to the whole process group
+(SLURM, `docker stop`) reaches the main process only; it stops its workers itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
-import os
+import multiprocessing
 import re
-import shutil
 import signal
 from pathlib import Path
 from typing import Optional
@@ -27,26 +30,75 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from llava_train.config import TrainerConfig
+from llava_train.files import file_sizes, write_json_atomic
+from llava_train.train.identity import RunIdentity
 
 SEAL = "llava_checkpoint_complete.json"
 CHECKPOINT_RX = re.compile(r"^checkpoint-(\d+)$")
 OFF = ("", "false", "none", "no", "0")
 
 
-def checkpoints(output_dir: Path) -> list[tuple[int, Path, bool]]:
-    """(step, folder, sealed) for every `checkpoint-N` folder, oldest first."""
+def seal(folder: Path, identity: Optional[RunIdentity], step: int) -> None:
+    """Write the seal: every file now in `folder` with its size, and the run it belongs to."""
+    files = file_sizes(folder)
+    files.pop(SEAL, None)
+    record = {"global_step": step, "files": files}
+    if identity is not None:
+        record.update(run_id=identity.run_id, fingerprint=identity.fingerprint)
+    write_json_atomic(folder / SEAL, record)
+
+
+def read_seal(folder: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(folder) / SEAL).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(folder: Path) -> tuple[bool, str]:
+    """(complete?, why not): the seal exists and lists exactly the files in the folder, with their sizes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False, "not a folder"
+    record = read_seal(folder)
+    if record is None or "files" not in record:
+        return False, f"no valid {SEAL}: it was interrupted while being written, or written by another tool"
+    found = file_sizes(folder)
+    found.pop(SEAL, None)
+    if found != record["files"]:
+        bad = sorted(set(found) ^ set(record["files"])) or [
+            f for f in found if found[f] != record["files"].get(f)]
+        return False, f"its files differ from its seal ({', '.join(bad[:5])})"
+    return True, ""
+
+
+def checkpoint_identity(folder: Path) -> Optional[RunIdentity]:
+    """The run a checkpoint belongs to (its run.json, else the ids in its seal), or None."""
+    identity = RunIdentity.read(folder)
+    if identity is None:
+        record = read_seal(folder) or {}
+        if record.get("run_id"):
+            identity = RunIdentity(record["run_id"], record["fingerprint"], {})
+    return identity
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) for every `checkpoint-N` folder, oldest first."""
     found = []
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
+    if Path(output_dir).is_dir():
+        for p in Path(output_dir).iterdir():
             m = CHECKPOINT_RX.match(p.name)
             if m and p.is_dir():
-                found.append((int(m.group(1)), p, (p / SEAL).is_file()))
+                found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def latest_sealed(output_dir: Path) -> Optional[Path]:
-    sealed = [p for _, p, ok in checkpoints(output_dir) if ok]
-    return sealed[-1] if sealed else None
+def latest_complete(output_dir: Path, run_id: Optional[str] = None) -> Optional[Path]:
+    """The newest complete checkpoint (of run `run_id` when given)."""
+    for _, p in reversed(checkpoints(output_dir)):
+        if is_complete(p)[0] and (run_id is None or (read_seal(p) or {}).get("run_id") == run_id):
+            return p
+    return None
 
 
 def check_resume_settings(cfg: TrainerConfig) -> list[str]:
@@ -54,6 +106,9 @@ def check_resume_settings(cfg: TrainerConfig) -> list[str]:
     problems = check_resume(cfg.resume) + check_signals(cfg.preemption_signals)
     if cfg.data_order not in ("random", "sequential"):
         problems.append(f"trainer.data_order={cfg.data_order!r}: use random or sequential")
+    if cfg.overwrite_output_dir and str(cfg.resume).strip().lower() == "auto":
+        problems.append("trainer.overwrite_output_dir=true moves the run in output_dir aside while "
+                        "trainer.resume=auto continues it: choose one")
     return problems
 
 
@@ -63,54 +118,46 @@ def check_resume(value: str) -> list[str]:
         return []
     if not Path(v).is_dir():
         return [f"trainer.resume={v!r}: not a folder; use auto, false, or a checkpoint-N folder"]
-    if not (Path(v) / SEAL).is_file():
-        return [f"trainer.resume={v!r} is not a complete checkpoint (no {SEAL}: it was interrupted while "
-                "being written); pick an earlier one or use trainer.resume=auto"]
+    ok, why = is_complete(Path(v))
+    if not ok:
+        return [f"trainer.resume={v!r} is not a complete checkpoint ({why}); pick an earlier one or use "
+                "trainer.resume=auto"]
     return []
 
 
-def resolve_resume(value: str, output_dir: Path) -> Optional[str]:
-    """The checkpoint folder to resume from, or None to start fresh."""
-    v = str(value).strip()
-    if v.lower() in OFF:
-        return None
-    if v.lower() == "auto":
-        found = latest_sealed(output_dir)
-        return str(found) if found else None
-    return v
+def ignore_signals_in_worker(signals: list[int], init_fn=None):
+    """A DataLoader `worker_init_fn`: the worker ignores `signals` (the main process handles them and shuts
+    the workers down), then runs `init_fn` (HF's seeding) if any. Called in the main process, it also makes
+    sure workers are stopped at exit (`_kill_workers_at_exit`)."""
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(_kill_workers_at_exit)  # runs before multiprocessing's own exit hook (registered earlier)
+        _EXIT_HOOK = True
+    return _WorkerInit(tuple(signals), init_fn)
 
 
-def drop_unsealed(output_dir: Path, after: Optional[str]) -> list[Path]:
-    """Remove unsealed checkpoint folders newer than the one resumed from (rank 0 only): they are
-    half-written leftovers that the continuing run would otherwise partly overwrite or rotate. Nothing is
-    removed when not resuming."""
-    m = CHECKPOINT_RX.match(Path(after).name) if after else None
-    if m is None:
-        return []
-    start = int(m.group(1))
-    removed = []
-    for step, p, ok in checkpoints(output_dir):
-        if not ok and step > start:
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+_EXIT_HOOK = False
 
 
-class CheckpointSealer(TrainerCallback):
-    """Seal each checkpoint once all ranks have written their part of it."""
+def _kill_workers_at_exit() -> None:
+    """At exit multiprocessing terminates daemonic children (DataLoader workers still alive when the loader was
+    not shut down) with SIGTERM, which these workers ignore, and then waits for them forever: end them with
+    SIGKILL instead (they hold nothing to save)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
-    def on_save(self, args, state, control, **kwargs):
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank's optimizer partition / RNG state is on disk
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            tmp = folder / (SEAL + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump({"global_step": state.global_step}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, folder / SEAL)
-        return control
+
+class _WorkerInit:
+    def __init__(self, signals: tuple[int, ...], init_fn):
+        self.signals, self.init_fn = signals, init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        for s in self.signals:
+            signal.signal(s, signal.SIG_IGN)
+        if self.init_fn is not None:
+            self.init_fn(worker_id)
 
 
 class Preemption(TrainerCallback):

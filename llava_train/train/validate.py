@@ -51,6 +51,7 @@ def check_train(cfg: TrainJobConfig) -> None:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(cfg.trainer, name) < 1:
             problems.append(f"trainer.{name} must be >= 1")
+    problems += bad_value_problems(cfg)
     if cfg.optim.lr <= 0:
         problems.append("optim.lr must be > 0")
     problems += choice_problem("optim.scheduler", cfg.optim.scheduler, SchedulerType)
@@ -70,6 +71,37 @@ def check_fits(cfg: TrainJobConfig) -> None:
     problems = fit_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def bad_value_problems(cfg: TrainJobConfig) -> list[str]:
+    """Values HF would silently reinterpret (max_steps=0 trains one step, a warm-up ratio of 1 is one step)
+    or that fail only after training (the eval batch size)."""
+    t, problems = cfg.trainer, []
+    if t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"trainer.max_steps={t.max_steps}: use a positive number of optimizer steps, or -1 to train "
+                        "trainer.num_train_epochs epochs")
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        problems.append(f"optim.warmup_ratio={cfg.optim.warmup_ratio}: the fraction of training spent warming up "
+                        "must be in [0, 1)")
+    if t.per_device_eval_batch_size < 1:
+        problems.append(f"trainer.per_device_eval_batch_size={t.per_device_eval_batch_size} must be >= 1")
+    if cfg.eval.batch_size < 1:
+        problems.append(f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+    problems += model_path_problems(cfg.model.path, "model.path")
+    return problems
+
+
+def looks_local(path: str) -> bool:
+    """A path rather than a hub id (`org/name`): absolute, ~, ./ or ../, a trailing slash, or more than one /."""
+    return (path.startswith(("/", "~", "./", "../", ".\\")) or path in (".", "..") or path.endswith("/")
+            or path.count("/") > 1)
+
+
+def model_path_problems(path: str, key: str) -> list[str]:
+    """A local-looking path that does not exist is refused here, not sent to the hub (a long network timeout)."""
+    if path and path != "tiny" and looks_local(path) and not Path(path).expanduser().exists():
+        return [f"{key}={path!r}: no such folder; a hub id looks like org/name"]
+    return []
 
 
 def model_problems(cfg: TrainJobConfig) -> list[str]:
@@ -110,7 +142,8 @@ def model_problems(cfg: TrainJobConfig) -> list[str]:
             problems.append(f"trainer.global_batch_size={t.global_batch_size} != world size {world_size()} x "
                             f"per_device_train_batch_size {t.per_device_train_batch_size} x "
                             f"gradient_accumulation_steps {t.gradient_accumulation_steps}: {hint}")
-    problems += _checkpoint_problems(cfg)
+    if not model_path_problems(m.path, "model.path"):  # a missing folder is reported once (value_problems)
+        problems += _checkpoint_problems(cfg)
     return problems
 
 

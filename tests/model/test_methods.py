@@ -56,7 +56,7 @@ class Run:
         self.model = build_model(job.model, job.peft, str(tiny_dir),
                                  gradient_checkpointing=job.trainer.gradient_checkpointing)
         self.before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.trainer, _ = build_trainer(job, self.model, self.train_ds, processor, Path(job.output_dir))
+        self.trainer = build_trainer(job, self.model, self.train_ds, processor, Path(job.output_dir))
         self.trainer.train()
         self.params = dict(self.model.named_parameters())
         self.changed = {n for n, p in self.params.items() if not torch.equal(p.detach(), self.before[n])}

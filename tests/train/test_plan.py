@@ -47,7 +47,7 @@ def test_exact_parts_equal_real_allocations(method, tmp_path, tiny_dir):
     processor = load_processor(checkpoint)
     train_ds, _ = build_datasets(cfg.data, cfg.model, processor)
     model = build_model(cfg.model, cfg.peft, checkpoint)
-    trainer, _ = build_trainer(cfg, model, train_ds, processor, tmp_path, callbacks=[Measure()])
+    trainer = build_trainer(cfg, model, train_ds, processor, tmp_path, callbacks=[Measure()])
     trainer.train()
     params = list(trainer.model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
