@@ -225,6 +225,60 @@ class SkipReport:
         return "\n".join(lines)
 
 
+# Every kind a `DataError` can have (the shared fetch-time counters index into this); others count as "invalid".
+SKIP_KINDS = ("invalid", "malformed_json", "bad_encoding", "too_deep", "bad_structure", "unknown_role",
+              "non_string_text", "empty_reply", "placeholder_mismatch", "template_mismatch", "too_long",
+              "bad_image_ref", "missing_image", "not_a_file", "path_escape", "bad_image_format", "corrupt_image",
+              "image_too_large")
+MAX_REPLACEMENTS = 32  # consecutive failing samples before a fetch gives up (something systematic is wrong)
+
+
+class FetchSkips:
+    """Samples skipped when fetched (pixels decoded in DataLoader workers), counted in shared memory so
+    the main process sees what every worker skipped: counts by kind and the first `keep` messages (each
+    names the file, the sample and the field). Created before workers start (inherited by fork)."""
+
+    MESSAGE_BYTES = 400
+
+    def __init__(self, keep: int = 5):
+        import multiprocessing
+
+        self.keep = keep
+        self.counts = multiprocessing.Array("q", len(SKIP_KINDS))
+        self.first_kind = multiprocessing.Array("q", [-1] * keep, lock=False)
+        self.first_id = multiprocessing.Array("c", self.MESSAGE_BYTES * keep, lock=False)
+        self.first_message = multiprocessing.Array("c", self.MESSAGE_BYTES * keep, lock=False)
+
+    def add(self, err: DataError) -> int:
+        """Count `err`; returns how many samples were skipped at fetch so far."""
+        code = SKIP_KINDS.index(err.kind) if err.kind in SKIP_KINDS else 0
+        where = err.sample_id if err.sample_id is not None else (f"#{err.index}" if err.index is not None else "?")
+        with self.counts.get_lock():
+            total = sum(self.counts[:])
+            self.counts[code] += 1
+            if total < self.keep:
+                b = self.MESSAGE_BYTES
+                self.first_kind[total] = code
+                self.first_id[total * b: (total + 1) * b] = str(where).encode()[:b].ljust(b, b"\0")
+                self.first_message[total * b: (total + 1) * b] = str(err).encode()[:b].ljust(b, b"\0")
+        return total + 1
+
+    def report(self) -> SkipReport:
+        out = SkipReport()
+        b = self.MESSAGE_BYTES
+        with self.counts.get_lock():
+            counts = list(self.counts[:])
+            for k in range(self.keep):
+                if self.first_kind[k] >= 0:
+                    out.record(SKIP_KINDS[self.first_kind[k]],
+                               self.first_id[k * b: (k + 1) * b].rstrip(b"\0").decode(errors="replace"),
+                               self.first_message[k * b: (k + 1) * b].rstrip(b"\0").decode(errors="replace"))
+        for code, n in enumerate(counts):  # record() above counted the kept ones once
+            if n:
+                out.counts[SKIP_KINDS[code]] = n
+        return out
+
+
 def prepare(row: Any, *, index: int, source: str, fmt: str, image_root: Path,
             encoder: Encoder) -> tuple[Conversation, list[tuple[int, int]], Encoded]:
     """One raw row to a checked conversation (image references resolved), its image sizes (headers
@@ -236,6 +290,22 @@ def prepare(row: Any, *, index: int, source: str, fmt: str, image_root: Path,
     conv.images = [resolve_ref(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
     sizes = [image_size(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
     return conv, sizes, encoder.encode(conv, sizes)
+
+
+def to_item(conv: Conversation, sizes: list[tuple[int, int]], enc: Encoded, image_processor,
+            image_root: Path) -> dict[str, Any]:
+    """A training item: ids and labels as tensors and, for the kept images, decoded pixels (every pixel:
+    cut or corrupt image data raises a `DataError` here) through the image processor."""
+    item: dict[str, Any] = {
+        INPUT_IDS: torch.tensor(enc.input_ids, dtype=torch.long),
+        LABELS: torch.tensor(enc.labels, dtype=torch.long),
+    }
+    if enc.num_images:
+        images = [load_rgb(ref, image_root, conv, k) for k, ref in enumerate(conv.images[: enc.num_images])]
+        out = image_processor(images=images, do_pad=False)
+        item[PIXEL_VALUES] = [torch.as_tensor(p) for p in out["pixel_values"]]
+        item[IMAGE_SIZES] = [list(s) for s in sizes[: enc.num_images]]
+    return item
 
 
 def should_skip(err: DataError, cfg: DataConfig) -> bool:
@@ -270,7 +340,48 @@ def iter_encoded(source: Source, cfg: DataConfig, encoder: Encoder, skipped: Ski
             skipped.add(err)
 
 
-class ConversationDataset(torch.utils.data.Dataset):
+class ExampleDataset(torch.utils.data.Dataset):
+    """What the eager and the lazy dataset share: fetching with the bad-data policy.
+
+    `_fetch(i)` builds item i (decoding pixels). A sample that fails there is raised (data.on_error=error,
+    or data.overflow=error for too-long ones: the `DataError` names file, sample and field) or skipped:
+    counted in `fetch_skips` (shared by all DataLoader workers), logged, and replaced by the next sample
+    that works, so every batch still forms with its planned size. `skipped` is the whole report: samples
+    left out at start plus those skipped at fetch so far.
+    """
+
+    cfg: DataConfig
+    start_skips: SkipReport
+    fetch_skips: FetchSkips
+
+    def _fetch(self, i: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def skipped(self) -> SkipReport:
+        out = SkipReport()
+        out.merge(self.start_skips)
+        out.merge(self.fetch_skips.report())
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        for attempt in range(min(MAX_REPLACEMENTS, n)):
+            j = (i + attempt) % n
+            try:
+                return self._fetch(j)
+            except DataError as err:
+                if not should_skip(err, self.cfg):
+                    raise
+                count = self.fetch_skips.add(err)
+                if count <= 20 or count % 1000 == 0:
+                    log.warning("skipped at fetch (%d so far; replaced by the next sample): %s", count, err)
+        raise DataError(f"{min(MAX_REPLACEMENTS, n)} consecutive samples from #{i} failed when fetched "
+                        f"({self.fetch_skips.report().summary()}); something systematic is wrong (data.image_root?)",
+                        source=str(getattr(self, "path", "")), index=i)
+
+
+class ConversationDataset(ExampleDataset):
     """A data source (or a weighted mix of sources) as training examples.
 
     Indexing reads image headers only; pixels are decoded lazily per item (DataLoader workers).
@@ -284,41 +395,36 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.image_root = default_image_root(self.sources[0], cfg.image_root)
         self.encoder = encoder
         self.image_processor = image_processor
-        self.skipped = SkipReport()
+        self.cfg = cfg
+        self.start_skips = SkipReport()
+        self.fetch_skips = FetchSkips()
         self.items: list[tuple[Conversation, list[tuple[int, int]]]] = []
         self.lengths: list[int] = []
         self.source_index: list[int] = []  # which source each item came from
+        self.root_of = [default_image_root(src, cfg.image_root) for src in self.sources]
         for s, source in enumerate(self.sources):
             items, lengths = [], []
-            for conv, sizes, enc in iter_encoded(source, cfg, encoder, self.skipped):
+            for conv, sizes, enc in iter_encoded(source, cfg, encoder, self.start_skips):
                 items.append((conv, sizes))
                 lengths.append(len(enc.input_ids))
             for k in apply_weight(len(items), source.weight, cfg.mix_seed + s):
                 self.items.append(items[k])
                 self.lengths.append(lengths[k])
                 self.source_index.append(s)
-        if self.skipped.total:
-            log.warning("%s: %s", self.path, self.skipped.summary())
+        if self.start_skips.total:
+            log.warning("%s: %s", self.path, self.start_skips.summary())
         if not self.items:
-            raise DataError("no usable samples" + (f" ({self.skipped.summary()})" if self.skipped.total else ""),
+            raise DataError("no usable samples" + (f" ({self.start_skips.summary()})" if self.start_skips.total
+                                                   else ""),
                             source=str(self.path))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _fetch(self, i: int) -> dict[str, Any]:
         conv, sizes = self.items[i]
-        enc = self.encoder.encode(conv, sizes)
-        item: dict[str, Any] = {
-            INPUT_IDS: torch.tensor(enc.input_ids, dtype=torch.long),
-            LABELS: torch.tensor(enc.labels, dtype=torch.long),
-        }
-        if enc.num_images:
-            images = [load_rgb(ref, self.image_root, conv, k) for k, ref in enumerate(conv.images[: enc.num_images])]
-            out = self.image_processor(images=images, do_pad=False)
-            item[PIXEL_VALUES] = [torch.as_tensor(p) for p in out["pixel_values"]]
-            item[IMAGE_SIZES] = [list(s) for s in sizes[: enc.num_images]]
-        return item
+        return to_item(conv, sizes, self.encoder.encode(conv, sizes), self.image_processor,
+                       self.root_of[self.source_index[i]])
 
     def conversation(self, i: int) -> Conversation:
         return self.items[i][0]

@@ -6,11 +6,11 @@ opened; per sample the index keeps 17 bytes (offset, size, estimated length, has
 estimate is text bytes / `CHARS_PER_TOKEN` plus a per-turn allowance plus, per image, the exact token
 count of an assumed size (`data.lazy_image_hw`): good enough to group by length and modality.
 
-`LazyConversationDataset.__getitem__` (in DataLoader workers) reads one record, validates, reads the
-image headers, encodes and decodes pixels. A sample that fails there is an error (data.on_error=error)
-or, with on_error=skip (or overflow=skip for too-long samples), is dropped from its batch, logged with
-its file, index and reason, and counted in a counter shared by all workers (`fetch_errors`): never
-silent.
+`LazyConversationDataset.__getitem__` (in DataLoader workers) reads one record and builds it with the
+eager dataset's own functions (`dataset.prepare`, `dataset.to_item`). A sample that fails there is an
+error (data.on_error=error) or, with on_error=skip (or the overflow policy for too-long samples), is
+counted in counters shared by all workers, logged with its file, index and reason, and replaced by the
+next sample (`dataset.ExampleDataset`): never silent, and batches keep their size.
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from llava_train.config import DataConfig
-from llava_train.constants import IMAGE_SIZES, IMAGE_TOKEN, INPUT_IDS, LABELS, PIXEL_VALUES
-from llava_train.data.dataset import Encoder, SkipReport, validate_conversation
-from llava_train.data.formats import DataError, to_conversation
-from llava_train.data.images import ImageGeometry, image_size, load_rgb, num_image_tokens
+from llava_train.constants import IMAGE_TOKEN
+from llava_train.data.dataset import Encoder, ExampleDataset, FetchSkips, SkipReport, prepare, to_item
+from llava_train.data.formats import DataError, parse_line
+from llava_train.data.images import ImageGeometry, num_image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +178,17 @@ def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return s.astype(np.int64), e.astype(np.int64), per_record(turn_pos), per_record(image_pos)
 
 
-class LazyConversationDataset(torch.utils.data.Dataset):
-    """`ConversationDataset`'s interface (`lengths`, `has_image`, items as dicts) over a `LazyIndex`."""
+class LazyConversationDataset(ExampleDataset):
+    """`ConversationDataset`'s interface (`lengths`, `has_image`, items as dicts) over a `LazyIndex`.
 
-    def __init__(self, path: str, cfg: DataConfig, encoder: Encoder, image_processor, *, fmt: str = "auto"):
+    A fetch reads one record and builds it with the same `prepare` + `to_item` as the eager dataset
+    (data.format, image_root, overflow and on_error policies included); bad samples are counted and
+    replaced (`ExampleDataset`)."""
+
+    def __init__(self, path: str, cfg: DataConfig, encoder: Encoder, image_processor, *, fmt: Optional[str] = None):
         self.path = Path(path)
         self.cfg = cfg
-        self.fmt = fmt
+        self.fmt = fmt or cfg.format
         self.image_root = Path(cfg.image_root) if cfg.image_root else self.path.parent
         self.encoder = encoder
         self.image_processor = image_processor
@@ -198,8 +200,8 @@ class LazyConversationDataset(torch.utils.data.Dataset):
             raise DataError("no samples", source=str(self.path))
         self.lengths = self.index.lengths
         self.has_image = self.index.has_image
-        self.skipped = SkipReport()  # nothing is skipped at start; see fetch_errors
-        self.fetch_errors = multiprocessing.Value("q", 0)  # shared with forked DataLoader workers
+        self.start_skips = SkipReport()  # nothing is skipped at start
+        self.fetch_skips = FetchSkips()  # shared with forked DataLoader workers
         self._file = None
         self._pid = None
 
@@ -211,29 +213,10 @@ class LazyConversationDataset(torch.utils.data.Dataset):
             self._file, self._pid = open(self.path, "rb"), os.getpid()
         return self._file
 
-    def __getitem__(self, i: int) -> Optional[dict[str, Any]]:
-        try:
-            conv = to_conversation(self.index.read(self._f(), i), fmt=self.fmt, source=str(self.path), index=i)
-            validate_conversation(conv)
-            sizes = [image_size(ref, self.image_root, conv, k) for k, ref in enumerate(conv.images)]
-            enc = self.encoder.encode(conv, sizes)
-            item: dict[str, Any] = {INPUT_IDS: torch.tensor(enc.input_ids, dtype=torch.long),
-                                    LABELS: torch.tensor(enc.labels, dtype=torch.long)}
-            if enc.num_images:
-                kept = conv.images[: enc.num_images]
-                images = [load_rgb(ref, self.image_root, conv, k) for k, ref in enumerate(kept)]
-                out = self.image_processor(images=images, do_pad=False)
-                item[PIXEL_VALUES] = [torch.as_tensor(p) for p in out["pixel_values"]]
-                item[IMAGE_SIZES] = [list(s) for s in sizes[: enc.num_images]]
-            return item
-        except DataError as err:
-            skip = self.cfg.overflow == "skip" if err.kind == "too_long" else self.cfg.on_error == "skip"
-            if not skip:
-                raise
-            with self.fetch_errors.get_lock():
-                self.fetch_errors.value += 1
-                count = self.fetch_errors.value
-            self.skipped.add(err)  # this process's view, with examples
-            if count <= 20 or count % 1000 == 0:
-                log.warning("skipped at fetch (%d so far): %s", count, err)
-            return None
+    def _fetch(self, i: int) -> dict[str, Any]:
+        f = self._f()
+        f.seek(int(self.index.offsets[i]))
+        row = parse_line(f.read(int(self.index.sizes[i])), self.path, i)
+        conv, sizes, enc = prepare(row, index=i, source=str(self.path), fmt=self.fmt, image_root=self.image_root,
+                                   encoder=self.encoder)
+        return to_item(conv, sizes, enc, self.image_processor, self.image_root)
