@@ -82,13 +82,16 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     if is_main_process():
         processor.save_pretrained(str(final))
 
+    skipped = train_ds.skipped  # at start and at fetch (pixels that failed to decode), all workers
+    print(f"train: {skipped.summary()}", flush=True)
     results: dict[str, Any] = {
         "train_loss": losses[-1][1] if losses else None,
         "first_train_loss": losses[0][1] if losses else None,
         "loss_history": losses,
         "train_seconds": round(train_seconds, 1),
         "train_samples": len(train_ds),
-        "skipped_train_samples": dict(train_ds.skipped.counts),
+        "skipped_train_samples": dict(skipped.counts),
+        "skipped_train_ids": skipped.ids,  # the first few per kind
         "base_checkpoint": checkpoint,
         "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
         "world_size": args.world_size,
