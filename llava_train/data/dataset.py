@@ -3,7 +3,9 @@
 `Encoder.encode` turns a validated `Conversation` into input ids and labels:
 - the prompt family renders pieces; the whole text is tokenised once, and for every reply the token
   ids of the text before it (the generation prompt) and up to its end-of-turn must be prefixes of the
-  whole: that proves the training form equals the inference form, and marks exactly the reply tokens;
+  whole: that proves the training form equals the inference form, and marks exactly the reply tokens.
+  Each prefix is checked by re-tokenising only from the last added token before it (`Encoder._prefix`),
+  so encoding is linear in the number of turns;
 - labels are IGNORE_INDEX everywhere except replies and their end-of-turn token;
 - each `<image>` is expanded to the image's feature count (from its header size);
 - truncation to `max_length` drops whole trailing turns, never part of an image or a reply.
@@ -14,6 +16,7 @@ samples, and decodes/preprocesses pixels lazily in `__getitem__` (DataLoader wor
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -94,6 +97,12 @@ class Encoder:
                                  "uses; is model.family right for this checkpoint?")
         # The family's BOS as a token (the prompt text never contains it).
         self.bos_ids: list[int] = [tokenizer.convert_tokens_to_ids(family.bos)] if family.bos else []
+        # Added tokens that split the text exactly where they stand (no whitespace stripping around them):
+        # the anchors from which `_prefix` re-tokenises.
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self._anchor_ids = frozenset(i for i, t in added.items()
+                                     if not (getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
+                                             or getattr(t, "single_word", False)))
 
     @classmethod
     def from_config(cls, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry],
@@ -104,10 +113,41 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.bos_ids + self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def _tokenise(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` (BOS first) and the anchors in it: (character, token index) of each added
+        token that splits the text (see `encode`); (0, 0) is the start of the text."""
+        anchors = [(0, 0)]
+        if not getattr(self.tok, "is_fast", False):  # no offsets: every prefix is checked from the start
+            return self._ids(text), anchors
+        out = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        body, offsets = out["input_ids"], out["offset_mapping"]
+        anchors += [(offsets[k][0], len(self.bos_ids) + k) for k, t in enumerate(body) if t in self._anchor_ids]
+        return self.bos_ids + body, anchors
+
+    def _prefix(self, conv: Conversation, text: str, ids: list[int], anchors: list[tuple[int, int]],
+                chars: list[int], p: int, reply: int) -> int:
+        """How many of `ids` are the tokenisation of `text[:p]` (what inference tokenises), checked exactly.
+
+        An added token (special tokens, `<image>`) is cut out of the text before the tokenizer's normaliser,
+        pre-tokenizer and model see the rest, each piece between added tokens on its own: the ids of
+        `text[:p]` are the ids of the whole text up to the last added token starting at or before `p`,
+        then the ids of `text[a:p]`. Only that window is tokenised again, so the check costs the length of
+        one turn, not of the whole prefix (linear encoding in the number of turns)."""
+        j = bisect.bisect_right(chars, p) - 1
+        a, k = anchors[j]
+        window = self._ids(text[:p]) if j == 0 else self.tok(text[a:p], add_special_tokens=False)["input_ids"]
+        if ids[k: k + len(window)] != window:
+            raise conv.error(
+                f"the {self.family.name!r} template does not tokenise stably around reply {reply} "
+                "(the training prompt would differ from the inference prompt); check the text for "
+                "stray special tokens", kind="template_mismatch")
+        return k + len(window)
+
     def encode(self, conv: Conversation, sizes: list[tuple[int, int]]) -> Encoded:
         pieces = self.family.pieces(conv.turns)
         text = "".join(p.text for p in pieces)
-        ids = self._ids(text)
+        ids, anchors = self._tokenise(text)
+        chars = [a for a, _ in anchors]
         labels = [IGNORE_INDEX] * len(ids)
         spans: list[tuple[int, int]] = []  # token span of each reply: separator, reply, end-of-turn
         pos = 0
@@ -116,16 +156,12 @@ class Encoder:
             pos = end
             if not piece.trained:
                 continue
-            before, upto = self._ids(text[:start]), self._ids(text[:end])
-            if ids[: len(before)] != before or ids[: len(upto)] != upto:
-                raise conv.error(
-                    f"the {self.family.name!r} template does not tokenise stably around reply {len(spans)} "
-                    "(the training prompt would differ from the inference prompt); check the text for "
-                    "stray special tokens", kind="template_mismatch")
-            if len(upto) <= len(before):
+            before = self._prefix(conv, text, ids, anchors, chars, start, len(spans))
+            upto = self._prefix(conv, text, ids, anchors, chars, end, len(spans))
+            if upto <= before:
                 raise conv.error(f"reply {len(spans)} produced no tokens", kind="empty_reply")
-            labels[len(before): len(upto)] = ids[len(before): len(upto)]
-            spans.append((len(before), len(upto)))
+            labels[before:upto] = ids[before:upto]
+            spans.append((before, upto))
 
         out_ids, out_labels, new_pos, images_before, counts = self._expand(conv, ids, labels, sizes)
         kept_replies, kept_images, length = len(spans), len(sizes), len(out_ids)
