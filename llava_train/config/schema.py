@@ -114,10 +114,9 @@ class DataConfig:
     prefetch_factor: Optional[int] = None
     # Batches per sorting window of the length grouping (larger: less padding, less random batches).
     group_window: int = 64
-    # Lazy index for very large sets (data/index.py): no tokenisation or image reads at start; lengths
-    # estimated from text size and an assumed image size; bad samples counted when fetched.
-    lazy_index: bool = False
-    # Image (height, width) the lazy index assumes for token estimates (COCO's typical 480x640).
+    # Training data is always lazy (data/index.py): no tokenisation or image reads at start; lengths
+    # estimated from text size and an assumed image size; bad samples counted (and replaced) when fetched.
+    # Image (height, width) the length estimates assume (COCO's typical 480x640).
     lazy_image_hw: list[int] = field(default_factory=lambda: [480, 640])
     # Save the lazy index next to the data file (<name>.lazyindex.npz, keyed by size and mtime) so other
     # ranks and restarts load it instead of scanning; skipped when the folder is not writable.

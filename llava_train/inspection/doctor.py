@@ -3,8 +3,9 @@
 Every sample goes through the exact training path (`data.dataset.prepare`: format, structure, image
 headers, template, tokenisation, image-token expansion, truncation) without decoding pixels, in parallel
 worker processes; `doctor.decode=true` also decodes every image's pixels there (as training will), which
-catches truncated or corrupt pixel data behind an intact header. The report: counts of each error kind with the first sample ids; histograms of sample
-lengths and image tokens per image (text, and a PNG); images per sample; share of text-only samples;
+catches truncated or corrupt pixel data behind an intact header. The report: counts of each error kind
+with the first sample ids; histograms of sample lengths and image tokens per image (text, and a PNG);
+images per sample; share of text-only samples;
 how many samples exceed `data.max_length` (and whether they are truncated or dropped); trained tokens
 per epoch. `llava doctor` exits non-zero when any sample has an error.
 """

@@ -109,10 +109,9 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
 def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
     encoder = Encoder.from_config(processor.tokenizer, get_family(model_cfg.family),
                                   ImageGeometry.from_processor(processor), cfg)
-    if cfg.lazy_index:  # very large sets: no tokenisation or image reads at start (data/index.py)
-        train = LazyConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
-    else:
-        train = ConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
+    # lazy for every source: nothing tokenised or read at start on any rank (data/index.py); the eval set
+    # is small and generation needs its conversations: indexed exactly
+    train = LazyConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
     print(f"train: {len(train)} samples from {cfg.train_path} ({train.skipped.summary()})", flush=True)
     evals = None
     if cfg.eval_path:
