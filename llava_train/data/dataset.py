@@ -272,25 +272,30 @@ MAX_REPLACEMENTS = 32  # consecutive failing samples before a fetch gives up (so
 class FetchSkips:
     """Samples skipped when fetched (pixels decoded in DataLoader workers), counted in shared memory so
     the main process sees what every worker skipped: counts by kind and the first `keep` messages (each
-    names the file, the sample and the field). Created before workers start (inherited by fork)."""
+    names the file, the sample and the field). Each of the `n` samples counts once, however often it is
+    fetched (as itself or as a replacement; over epochs). Created before workers start (inherited)."""
 
     MESSAGE_BYTES = 400
 
-    def __init__(self, keep: int = 5):
+    def __init__(self, n: int, keep: int = 5):
         import multiprocessing
 
+        self.seen = multiprocessing.Array("B", (n + 7) // 8, lock=False)  # one bit per sample
         self.keep = keep
         self.counts = multiprocessing.Array("q", len(SKIP_KINDS))
         self.first_kind = multiprocessing.Array("q", [-1] * keep, lock=False)
         self.first_id = multiprocessing.Array("c", self.MESSAGE_BYTES * keep, lock=False)
         self.first_message = multiprocessing.Array("c", self.MESSAGE_BYTES * keep, lock=False)
 
-    def add(self, err: DataError) -> int:
-        """Count `err`; returns how many samples were skipped at fetch so far."""
+    def add(self, i: int, err: DataError) -> int:
+        """Count sample `i` failing with `err` (once); returns how many samples were skipped at fetch so far."""
         code = SKIP_KINDS.index(err.kind) if err.kind in SKIP_KINDS else 0
         where = err.sample_id if err.sample_id is not None else (f"#{err.index}" if err.index is not None else "?")
         with self.counts.get_lock():
             total = sum(self.counts[:])
+            if self.seen[i // 8] & (1 << (i % 8)):
+                return total
+            self.seen[i // 8] |= 1 << (i % 8)
             self.counts[code] += 1
             if total < self.keep:
                 b = self.MESSAGE_BYTES
@@ -409,8 +414,9 @@ class ExampleDataset(torch.utils.data.Dataset):
             except DataError as err:
                 if not should_skip(err, self.cfg):
                     raise
-                count = self.fetch_skips.add(err)
-                if count <= 20 or count % 1000 == 0:
+                before = sum(self.fetch_skips.counts[:])
+                count = self.fetch_skips.add(j, err)
+                if count > before and (count <= 20 or count % 1000 == 0):
                     log.warning("skipped at fetch (%d so far; replaced by the next sample): %s", count, err)
         raise DataError(f"{min(MAX_REPLACEMENTS, n)} consecutive samples from #{i} failed when fetched "
                         f"({self.fetch_skips.report().summary()}); something systematic is wrong (data.image_root?)",
@@ -433,7 +439,6 @@ class ConversationDataset(ExampleDataset):
         self.image_processor = image_processor
         self.cfg = cfg
         self.start_skips = SkipReport()
-        self.fetch_skips = FetchSkips()
         self.items: list[tuple[Conversation, list[tuple[int, int]]]] = []
         self.lengths: list[int] = []
         self.source_index: list[int] = []  # which source each item came from
@@ -447,6 +452,7 @@ class ConversationDataset(ExampleDataset):
                 self.items.append(items[k])
                 self.lengths.append(lengths[k])
                 self.source_index.append(s)
+        self.fetch_skips = FetchSkips(len(self.items))
         if self.start_skips.total:
             log.warning("%s: %s", self.path, self.start_skips.summary())
         if not self.items:

@@ -328,7 +328,7 @@ class LazyConversationDataset(ExampleDataset):
         if not len(self.row_of):
             raise DataError("no samples", source=str(self.path))
         self.start_skips = SkipReport()  # nothing is skipped at start: see fetch_skips
-        self.fetch_skips = FetchSkips()  # shared with forked DataLoader workers
+        self.fetch_skips = FetchSkips(len(self.row_of))  # shared with forked DataLoader workers
 
     def __len__(self) -> int:
         return len(self.row_of)

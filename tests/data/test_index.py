@@ -83,12 +83,13 @@ def test_fetch_errors_counted_or_raised(tmp_path, processor, encoder):
     path.write_text(json.dumps(rows))
     cfg = DataConfig(train_path=str(path), image_root=str(DEMO), on_error="skip")
     ds = LazyConversationDataset(str(path), cfg, encoder, processor.image_processor)
-    replaced = ds[1]  # replaced by the next sample that works
-    assert torch.equal(replaced["input_ids"], ds[2]["input_ids"])
-    assert ds.skipped.counts["missing_image"] == 1 and ds.skipped.ids["missing_image"] == [rows[1]["id"]]
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=list)
     assert len(next(iter(loader))) == 4  # the batch keeps its size
-    assert ds.skipped.counts["missing_image"] == 2  # counted in the worker, visible here
+    assert ds.skipped.counts["missing_image"] == 1  # counted in the worker, visible here
+    assert ds.skipped.ids["missing_image"] == [rows[1]["id"]]
+    replaced = ds[1]  # replaced by the next sample that works
+    assert torch.equal(replaced["input_ids"], ds[2]["input_ids"])
+    assert ds.skipped.counts["missing_image"] == 1  # the same sample counts once
     strict = LazyConversationDataset(str(path), DataConfig(train_path=str(path), image_root=str(DEMO)), encoder,
                                      processor.image_processor)
     with pytest.raises(DataError, match="not found"):
