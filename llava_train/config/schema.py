@@ -88,7 +88,10 @@ class DataConfig:
     overflow: str = "drop_turns"
     # What to do with a bad sample (missing image, bad conversation...): error | skip.
     on_error: str = "error"
-    num_workers: int = 0
+    # DataLoader worker processes per rank, which read, tokenise and decode samples ahead of the step
+    # (persistent across epochs). None: auto = min(4, CPU cores per rank - 1), so 0 on a machine with a
+    # core per rank (workers would only compete with the training process); set 0 to fetch in-process.
+    num_workers: Optional[int] = None
     max_eval_samples: Optional[int] = None
     # Input format: auto (detected per row) | llava (conversations/from/value) | messages (role/content).
     format: str = "auto"

@@ -25,6 +25,7 @@ mid-epoch after n of this sampler's batches (HF Trainer does the same with accel
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -223,6 +224,17 @@ def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: in
     return collator, PlanSampler(dataset.lengths, flags, spec, seed=seed)
 
 
+def num_workers(cfg) -> int:
+    """`data.num_workers`, or when None: min(4, CPU cores available per local rank - 1). Samples are built
+    at fetch (tokenised, images decoded and preprocessed), so workers overlap that with the step; one core
+    stays with the training process."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(4, per_rank - 1))
+
+
 def batching_problems(cfg) -> list[str]:
     """Problems with the batching keys of a `DataConfig` (collected by train/validate.py)."""
     problems = []
@@ -236,10 +248,10 @@ def batching_problems(cfg) -> list[str]:
         problems.append("data.pad_to_multiple_of must be >= 1")
     if cfg.group_window < 1:
         problems.append("data.group_window must be >= 1")
-    if cfg.num_workers < 0:
-        problems.append("data.num_workers must be >= 0")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        problems.append("data.num_workers must be >= 0 (or null: auto)")
     if cfg.prefetch_factor is not None and (cfg.num_workers == 0 or cfg.prefetch_factor < 1):
-        problems.append("data.prefetch_factor needs data.num_workers > 0 and a value >= 1")
+        problems.append("data.prefetch_factor needs data.num_workers > 0 (or auto) and a value >= 1")
     if len(cfg.lazy_image_hw) != 2 or min(cfg.lazy_image_hw) < 1:
         problems.append(f"data.lazy_image_hw={list(cfg.lazy_image_hw)} must be [height, width] in pixels")
     return problems

@@ -18,7 +18,7 @@ from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainJobConf
 from llava_train.data.dataset import ConversationDataset, Encoder
 from llava_train.data.images import ImageGeometry
 from llava_train.data.index import LazyConversationDataset
-from llava_train.data.sampler import batching
+from llava_train.data.sampler import batching, num_workers
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
@@ -157,7 +157,8 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         report_to=[] if t.report_to == "none" else [t.report_to],
         disable_tqdm=t.disable_tqdm,
         remove_unused_columns=False,
-        dataloader_num_workers=cfg.data.num_workers,
+        dataloader_num_workers=num_workers(cfg.data),  # auto by default (data/sampler.py)
+        dataloader_persistent_workers=num_workers(cfg.data) > 0,
         seed=cfg.seed,
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
