@@ -124,6 +124,12 @@ class DataConfig:
     # Save the lazy index next to the data file (<name>.lazyindex.npz, keyed by size and mtime) so other
     # ranks and restarts load it instead of scanning; skipped when the folder is not writable.
     lazy_index_cache: bool = True
+    # Stream the training source instead of indexing it (data/streaming.py): HF streaming sources and
+    # WebDataset tar shards (`/d/shards-*.tar`, or any fsspec URL); sharded over ranks and workers, length
+    # grouping inside group_window batches; needs trainer.max_steps.
+    streaming: bool = False
+    # Examples in datasets' shuffle buffer when streaming (0: no shuffling beyond the shard order).
+    stream_shuffle_buffer: int = 1000
 
 
 @dataclass

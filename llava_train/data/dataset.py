@@ -293,9 +293,10 @@ class FetchSkips:
         where = err.sample_id if err.sample_id is not None else (f"#{err.index}" if err.index is not None else "?")
         with self.counts.get_lock():
             total = sum(self.counts[:])
-            if self.seen[i // 8] & (1 << (i % 8)):
-                return total
-            self.seen[i // 8] |= 1 << (i % 8)
+            if i >= 0:  # i < 0: a sample without an index (streams: each is read once per epoch)
+                if self.seen[i // 8] & (1 << (i % 8)):
+                    return total
+                self.seen[i // 8] |= 1 << (i % 8)
             self.counts[code] += 1
             if total < self.keep:
                 b = self.MESSAGE_BYTES
