@@ -476,12 +476,29 @@ class ConversationDataset(ExampleDataset):
         return self.items[i][0].question_type
 
 
+def check_stream(cfg: DataConfig) -> list[str]:
+    """Problems with a streaming source (data.streaming): one source; local tar shards must exist."""
+    import glob
+
+    if cfg.sources or not cfg.train_path:
+        return ["data.streaming reads one source: set data.train_path (tar shards, a parquet/arrow file or a hub "
+                "id), not data.sources"]
+    path = cfg.train_path
+    if ".tar" in Path(path).name and "://" not in path and not glob.glob(path):
+        return [f"data.train_path={path!r}: no tar shards match it"]
+    if ".tar" not in Path(path).name and "://" not in path:
+        return check_path(path, "data.train_path")
+    return []
+
+
 def check_data(cfg: DataConfig) -> list[str]:
     """Problems with a `DataConfig`, for up-front validation (nothing is read but file existence)."""
     problems: list[str] = []
     if not cfg.train_path and not cfg.sources:
         problems.append("set data.train_path or data.sources")
-    if cfg.train_path:
+    if cfg.streaming:
+        problems += check_stream(cfg)
+    elif cfg.train_path:
         problems += check_path(cfg.train_path, "data.train_path")
     for k, src in enumerate(cfg.sources):
         problems += check_path(src.path, f"data.sources[{k}].path")

@@ -214,6 +214,8 @@ def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: in
                                    pad_to_multiple_of=cfg.pad_to_multiple_of)
     else:
         collator = Collator(pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    if getattr(cfg, "streaming", False):
+        return collator, None  # a stream groups inside its window (data/streaming.py)
     if not (cfg.packing or cfg.group_by_length or cfg.group_by_modality or cfg.max_tokens_per_batch):
         return collator, None  # HF Trainer's random sampler
     spec = PlanSpec(batch_size=batch_size, group_by_length=cfg.group_by_length,

@@ -172,7 +172,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 
 class StreamingLoader:
     """A DataLoader over a `StreamingDataset` that counts consumed batches per worker (the resume state)
-    and collates each batch with `collate`."""
+    and collates each batch with `collate`. It keeps its own epochs (each pass over the stream is one) and
+    has no `set_epoch`: HF Trainer's epoch counter means nothing for data without a length."""
 
     def __init__(self, dataset: StreamingDataset, collate, *, num_workers: int, prefetch_factor: Optional[int] = None):
         self.dataset, self.collate = dataset, collate
@@ -190,11 +191,6 @@ class StreamingLoader:
                              f"with data.num_workers={state['num_workers']} (now {self.num_workers})")
         self.dataset.set_epoch(state["epoch"])
         self.consumed = {int(k): v for k, v in state["consumed"].items()}
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.dataset.epoch:
-            self.dataset.set_epoch(epoch)
-            self.consumed = {}
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.resume = dict(self.consumed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -15,7 +16,7 @@ import torch
 from transformers import TrainingArguments
 
 from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainJobConfig
-from llava_train.data.dataset import ConversationDataset, Encoder
+from llava_train.data.dataset import ConversationDataset, Encoder, as_sources
 from llava_train.data.images import ImageGeometry
 from llava_train.data.index import LazyConversationDataset
 from llava_train.data.sampler import batching, num_workers
@@ -33,7 +34,7 @@ from llava_train.train.distributed import (
     teardown,
 )
 from llava_train.train.resume import CheckpointSealer, Preemption, drop_unsealed, resolve_resume
-from llava_train.train.trainer import LlavaTrainer, LossRecorder
+from llava_train.train.trainer import LlavaTrainer, LossRecorder, StreamState, stream_state_file
 from llava_train.train.validate import check_train
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
         checkpoint = resolve_checkpoint(cfg.model)
     print(f"base checkpoint: {checkpoint}", flush=True)
     processor = load_processor(checkpoint)
-    train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
+    train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor,
+                                       batch_size=cfg.trainer.per_device_train_batch_size, seed=cfg.seed)
 
     args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
@@ -69,6 +71,8 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
         drop_unsealed(out, resume_from)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
+        if cfg.data.streaming:  # the stream's position, saved by StreamState
+            trainer.stream_state = json.loads(stream_state_file(resume_from, args.process_index).read_text())
     start = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - start
@@ -89,7 +93,7 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
         "first_train_loss": losses[0][1] if losses else None,
         "loss_history": losses,
         "train_seconds": round(train_seconds, 1),
-        "train_samples": len(train_ds),
+        "train_samples": len(train_ds) if hasattr(train_ds, "__len__") else None,  # None: streamed
         "skipped_train_samples": dict(skipped.counts),
         "skipped_train_ids": skipped.ids,  # the first few per kind
         "base_checkpoint": checkpoint,
@@ -106,9 +110,18 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     return results
 
 
-def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
+def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor, *, batch_size: int = 1, seed: int = 0):
     encoder = Encoder.from_config(processor.tokenizer, get_family(model_cfg.family),
                                   ImageGeometry.from_processor(processor), cfg)
+    if cfg.streaming:  # read as a stream, this rank's shards only (data/streaming.py)
+        from llava_train.data.streaming import StreamingDataset
+
+        train = StreamingDataset(as_sources(cfg.train_path, cfg)[0], cfg, encoder, processor.image_processor,
+                                 rank=int(os.environ.get("RANK", 0)),
+                                 world_size=int(os.environ.get("WORLD_SIZE", 1)), batch_size=batch_size, seed=seed)
+        print(f"train: streaming {cfg.train_path}", flush=True)
+        evals = ConversationDataset(cfg.eval_path, cfg, encoder, processor.image_processor) if cfg.eval_path else None
+        return train, evals
     # lazy for every source: nothing tokenised or read at start on any rank (data/index.py); the eval set
     # is small and generation needs its conversations: indexed exactly
     train = LazyConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
@@ -164,11 +177,12 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         fp16=cfg.model.dtype == "fp16",
         **distributed_arguments(cfg.deepspeed),
         train_sampling_strategy=t.data_order,
+        ignore_data_skip=cfg.data.streaming,  # the stream resumes itself (StreamState), without replaying batches
     )
 
 
 def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, args=None, callbacks=()):
-    recorder = LossRecorder()
+    recorder, stream_state = LossRecorder(), StreamState()
     args = args if args is not None else training_arguments(cfg, out)
     collator, sampler = batching(cfg.data, train_ds, processor.tokenizer.pad_token_id,
                                  batch_size=args.per_device_train_batch_size, world_size=args.world_size,
@@ -178,11 +192,12 @@ def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, ar
         args=args,
         train_dataset=train_ds,
         data_collator=collator,
-        callbacks=[recorder, *callbacks],
+        callbacks=[recorder, stream_state, *callbacks],  # stream state written before the checkpoint is sealed
         optim_cfg=cfg.optim,
         train_batch_sampler=sampler,
         prefetch_factor=cfg.data.prefetch_factor,
     )
+    stream_state.trainer = trainer
     return trainer, recorder.losses
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import torch
 from transformers import Trainer, TrainerCallback
 
+from llava_train.data.streaming import StreamingDataset, StreamingLoader
 from llava_train.model.adapt import param_groups, save_unsaved_trainables
 from llava_train.train.distributed import VisionKeepAlive
 from llava_train.train.loss import sparse_lm_loss
@@ -25,13 +30,24 @@ class LlavaTrainer(Trainer):
         self.train_batch_sampler = train_batch_sampler  # a global batch plan (data/sampler.py) or None
         self.prefetch_factor = prefetch_factor
 
+    stream_state = None  # a streaming loader's saved position, set before train() when resuming
+    stream_loader = None
+
     def get_train_dataloader(self):
-        """With a batch plan: its batches (grouped / token-budget / packed). The plan yields the global
-        list of batches; accelerate's `BatchSamplerShard` (batch_size None: variable-sized batches) hands
-        batch k to rank k % world_size, the plan's own split, and `skip_first_batches` resumes it."""
+        """Streaming data (data.streaming): the `StreamingLoader` (this rank's shards, its own epochs and
+        resume state; not re-sharded by accelerate). With a batch plan: its batches (grouped / token-budget /
+        packed). The plan yields the global list of batches; accelerate's `BatchSamplerShard` (batch_size
+        None: variable-sized batches) hands batch k to rank k % world_size, the plan's own split, and
+        `skip_first_batches` resumes it."""
+        workers = self.args.dataloader_num_workers
+        if isinstance(self.train_dataset, StreamingDataset):
+            self.stream_loader = StreamingLoader(self.train_dataset, self.data_collator, num_workers=workers,
+                                                 prefetch_factor=self.prefetch_factor)
+            if self.stream_state is not None:
+                self.stream_loader.load_state_dict(self.stream_state)
+            return self.stream_loader
         if self.train_batch_sampler is None:
             return super().get_train_dataloader()
-        workers = self.args.dataloader_num_workers
         loader = torch.utils.data.DataLoader(
             self.train_dataset,
             batch_sampler=self.train_batch_sampler,
@@ -65,6 +81,25 @@ class LlavaTrainer(Trainer):
         """Also for checkpoints: adds what peft's adapter file leaves out (image_newline)."""
         super().save_model(output_dir, _internal_call)
         save_unsaved_trainables(self.model, output_dir or self.args.output_dir, write=self.args.should_save)
+
+
+def stream_state_file(folder, rank: int) -> Path:
+    return Path(folder) / f"stream_state_rank{rank}.json"
+
+
+class StreamState(TrainerCallback):
+    """Saves the streaming loader's position (data/streaming.py, per rank) into each checkpoint folder,
+    before the checkpoint is sealed; `trainer.stream_state` is read back from it on resume."""
+
+    def __init__(self):
+        self.trainer: Optional[LlavaTrainer] = None
+
+    def on_save(self, args, state, control, **kwargs):
+        loader = getattr(self.trainer, "stream_loader", None)
+        if loader is not None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            stream_state_file(folder, args.process_index).write_text(json.dumps(loader.state_dict()))
 
 
 class LossRecorder(TrainerCallback):

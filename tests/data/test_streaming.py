@@ -105,3 +105,32 @@ def test_length_grouping_inside_the_window(shards, encoder, processor):
     spread_off = [max(len(i["input_ids"]) for i in b) - min(len(i["input_ids"]) for i in b) for b in ungrouped
                   if len(b) == 2]
     assert sum(spread) < sum(spread_off)
+
+
+@pytest.mark.slow
+def test_llava_train_streams_and_resumes(shards, tmp_path):
+    """`llava train data.streaming=true` on tar shards: the stream's position is saved with each checkpoint
+    and a resumed run continues from it (consumed batches keep counting, not restarting)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def train(steps):
+        proc = subprocess.run(
+            [sys.executable, "-m", "llava_train", "train", f"output_dir={tmp_path}/job", f"data.train_path={shards}",
+             "data.streaming=true", "data.on_error=skip", "data.eval_path=null", "data.num_workers=2",
+             "data.stream_shuffle_buffer=4", f"trainer.max_steps={steps}", "trainer.save_steps=2",
+             "trainer.per_device_train_batch_size=2", "trainer.resume=auto", "model=tiny", "peft=lora",
+             "trainer.disable_tqdm=true", "eval.enabled=false"],
+            cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def consumed(step):
+        state = json.loads((tmp_path / "job" / f"checkpoint-{step}" / "stream_state_rank0.json").read_text())
+        return sum(state["consumed"].values())
+
+    train(4)
+    assert consumed(2) == 2 and consumed(4) == 4
+    train(6)  # resumes from checkpoint-4
+    assert consumed(6) == 6
