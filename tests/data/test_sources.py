@@ -208,3 +208,14 @@ def test_arrow_image_bytes_are_never_held_in_python(tmp_path, encoder, processor
     # the measure sees materialised bytes: the exact (eval) dataset keeps them in its conversations
     _, eager_peak, _ = allocated(lambda: ConversationDataset(path, cfg, encoder, processor.image_processor))
     assert eager_peak > payload
+
+
+def test_arrow_estimates_do_not_depend_on_the_read_batch(hf_dir, encoder, processor, monkeypatch):
+    from llava_train.data import index
+
+    path = str(hf_dir / "train.parquet")
+    cfg = DataConfig(train_path=path)
+    whole = index.LazyConversationDataset(path, cfg, encoder, processor.image_processor)
+    monkeypatch.setattr(index.ArrowRows, "BATCH", 2)  # rows read in slices of 2
+    sliced = index.LazyConversationDataset(path, cfg, encoder, processor.image_processor)
+    assert sliced.lengths.tolist() == whole.lengths.tolist() and sliced.has_image.all()
