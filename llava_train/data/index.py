@@ -126,7 +126,11 @@ def _match(a: np.ndarray, candidates: np.ndarray, second: np.ndarray, pat: bytes
 
 
 def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(start offsets, end offsets, turns, images) of every top-level JSON object in the file."""
+    """(start offsets, end offsets, turns, images) of every top-level JSON object in the file; of every
+    non-blank line of a JSONL file (split on `\\n` only), so a malformed line is one bad record, counted
+    when fetched, not a broken index."""
+    lines = path.suffix == ".jsonl"
+    newlines: list[np.ndarray] = []
     starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
     turn_pos: list[np.ndarray] = []
@@ -151,6 +155,11 @@ def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                     found.append(base - skip + at[at + len(pat) > skip])
             q = quotes[quotes >= skip] - skip
             a = ctx[skip:]
+            if lines:
+                newlines.append(base + np.flatnonzero(a == 10))
+                base += len(chunk)
+                tail = (tail + chunk)[-64:]
+                continue
             if len(q):  # a quote after an odd run of backslashes is escaped (rare: look each one up)
                 maybe = q[ctx[q + skip - 1] == 92] if skip else q[(q > 0) & (a[np.maximum(q - 1, 0)] == 92)]
                 if len(maybe):
@@ -176,9 +185,22 @@ def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             in_string = bool((len(q) + in_string) % 2)
             base += len(chunk)
             tail = (tail + chunk)[-64:]
-    s = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
-    e = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
-    if len(s) != len(e) or depth != 0:
+    if lines:
+        nl = np.concatenate(newlines) if newlines else np.zeros(0, dtype=np.int64)
+        s = np.concatenate([[0], nl + 1])
+        e = np.concatenate([nl, [base]])
+        short = np.flatnonzero(e - s <= 8)  # blank lines ("", "\r", spaces) are not records
+        if len(short):
+            blank = np.zeros(len(s), dtype=bool)
+            with open(path, "rb") as f:
+                for k in short.tolist():
+                    f.seek(int(s[k]))
+                    blank[k] = not f.read(int(e[k] - s[k])).strip()
+            s, e = s[~blank], e[~blank]
+    else:
+        s = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+        e = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
+    if not lines and (len(s) != len(e) or depth != 0):
         raise DataError(f"unbalanced JSON: {len(s)} object start(s), {len(e)} end(s); the file is truncated or "
                         "malformed", source=str(path), kind="malformed_json")
 
