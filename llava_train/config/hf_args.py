@@ -38,7 +38,7 @@ OWNED = {
     "activation_checkpointing_kwargs": "model.checkpoint_reentrant",
     "dataloader_num_workers": "data.num_workers",
     "dataloader_prefetch_factor": "data.prefetch_factor",
-    "dataloader_persistent_workers": "data.persistent_workers",
+    "dataloader_persistent_workers": "data.num_workers (workers persist across epochs whenever there are any)",
     "train_sampling_strategy": "trainer.data_order",
     "remove_unused_columns": "nothing: always false (the collator needs every column)",
     "resume_from_checkpoint": "trainer.resume",

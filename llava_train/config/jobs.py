@@ -45,6 +45,9 @@ class DoctorConfig:
     # Where the histogram PNG goes. Empty: doctor.png in Hydra's run folder.
     plot: str = ""
     progress: bool = True  # progress bar (large sets)
+    # Also decode every image's pixels (in the worker processes): catches truncated or corrupt pixel data
+    # that the header-only default cannot see. Slower (a full image decode per image).
+    decode: bool = False
 
 
 @dataclass

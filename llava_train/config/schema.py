@@ -106,9 +106,10 @@ class DataConfig:
     overflow: Overflow = Overflow.drop_turns
     # What to do with a bad sample (missing image, bad conversation...): error | skip.
     on_error: OnError = OnError.error
-    num_workers: int = 0
-    # Keep the DataLoader workers alive between epochs (only with num_workers > 0).
-    persistent_workers: bool = False
+    # DataLoader worker processes per rank, which read, tokenise and decode samples ahead of the step
+    # (persistent across epochs). None: auto = min(4, CPU cores per rank - 1), so 0 on a machine with a
+    # core per rank (workers would only compete with the training process); set 0 to fetch in-process.
+    num_workers: Optional[int] = None
     # Input format: auto (detected per row) | llava (conversations/from/value) | messages (role/content).
     format: DataFormat = DataFormat.auto
     # Train only the last assistant reply of each sample (earlier replies become context, label -100).
@@ -133,14 +134,19 @@ class DataConfig:
     prefetch_factor: Optional[int] = None
     # Batches per sorting window of the length grouping (larger: less padding, less random batches).
     group_window: int = 64
-    # Lazy index for very large sets (data/index.py): no tokenisation or image reads at start; lengths
-    # estimated from text size and an assumed image size; bad samples counted when fetched.
-    lazy_index: bool = False
-    # Image (height, width) the lazy index assumes for token estimates (COCO's typical 480x640).
+    # Training data is always lazy (data/index.py): no tokenisation or image reads at start; lengths
+    # estimated from text size and an assumed image size; bad samples counted (and replaced) when fetched.
+    # Image (height, width) the length estimates assume (COCO's typical 480x640).
     lazy_image_hw: list[int] = field(default_factory=lambda: [480, 640])
     # Save the lazy index next to the data file (<name>.lazyindex.npz, keyed by size and mtime) so other
     # ranks and restarts load it instead of scanning; skipped when the folder is not writable.
     lazy_index_cache: bool = True
+    # Stream the training source instead of indexing it (data/streaming.py): HF streaming sources and
+    # WebDataset tar shards (`/d/shards-*.tar`, or any fsspec URL); sharded over ranks and workers, length
+    # grouping inside group_window batches; needs trainer.max_steps.
+    streaming: bool = False
+    # Examples in datasets' shuffle buffer when streaming (0: no shuffling beyond the shard order).
+    stream_shuffle_buffer: int = 1000
 
 
 @dataclass

@@ -32,7 +32,11 @@ class Collator:
     pad_to_multiple_of: int = 1
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        items = [it for it in items if it is not None]  # samples that failed at fetch (counted by the dataset)
+        # The datasets replace a sample that fails at fetch (ExampleDataset); None from another dataset
+        # means a dropped sample, and a batch left with none is an error worth naming, not a max() crash.
+        items = [it for it in items if it is not None]
+        if not items:
+            raise ValueError("every sample of this batch failed to load (see the skip warnings above)")
         longest = max(len(it[INPUT_IDS]) for it in items)
         m = self.pad_to_multiple_of
         longest = ((longest + m - 1) // m) * m

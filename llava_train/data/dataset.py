@@ -3,7 +3,9 @@
 `Encoder.encode` turns a validated `Conversation` into input ids and labels:
 - the prompt family renders pieces; the whole text is tokenised once, and for every reply the token
   ids of the text before it (the generation prompt) and up to its end-of-turn must be prefixes of the
-  whole: that proves the training form equals the inference form, and marks exactly the reply tokens;
+  whole: that proves the training form equals the inference form, and marks exactly the reply tokens.
+  Each prefix is checked by re-tokenising only from the last added token before it (`Encoder._prefix`),
+  so encoding is linear in the number of turns;
 - labels are IGNORE_INDEX everywhere except replies and their end-of-turn token;
 - each `<image>` is expanded to the image's feature count (from its header size);
 - truncation to `max_length` drops whole trailing turns, never part of an image or a reply.
@@ -14,6 +16,7 @@ samples, and decodes/preprocesses pixels lazily in `__getitem__` (DataLoader wor
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -94,6 +97,12 @@ class Encoder:
                                  "uses; is model.family right for this checkpoint?")
         # The family's BOS as a token (the prompt text never contains it).
         self.bos_ids: list[int] = [tokenizer.convert_tokens_to_ids(family.bos)] if family.bos else []
+        # Added tokens that split the text exactly where they stand (no whitespace stripping around them):
+        # the anchors from which `_prefix` re-tokenises.
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self._anchor_ids = frozenset(i for i, t in added.items()
+                                     if not (getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
+                                             or getattr(t, "single_word", False)))
 
     @classmethod
     def from_config(cls, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry],
@@ -104,10 +113,41 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.bos_ids + self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def _tokenise(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` (BOS first) and the anchors in it: (character, token index) of each added
+        token that splits the text (see `encode`); (0, 0) is the start of the text."""
+        anchors = [(0, 0)]
+        if not getattr(self.tok, "is_fast", False):  # no offsets: every prefix is checked from the start
+            return self._ids(text), anchors
+        out = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        body, offsets = out["input_ids"], out["offset_mapping"]
+        anchors += [(offsets[k][0], len(self.bos_ids) + k) for k, t in enumerate(body) if t in self._anchor_ids]
+        return self.bos_ids + body, anchors
+
+    def _prefix(self, conv: Conversation, text: str, ids: list[int], anchors: list[tuple[int, int]],
+                chars: list[int], p: int, reply: int) -> int:
+        """How many of `ids` are the tokenisation of `text[:p]` (what inference tokenises), checked exactly.
+
+        An added token (special tokens, `<image>`) is cut out of the text before the tokenizer's normaliser,
+        pre-tokenizer and model see the rest, each piece between added tokens on its own: the ids of
+        `text[:p]` are the ids of the whole text up to the last added token starting at or before `p`,
+        then the ids of `text[a:p]`. Only that window is tokenised again, so the check costs the length of
+        one turn, not of the whole prefix (linear encoding in the number of turns)."""
+        j = bisect.bisect_right(chars, p) - 1
+        a, k = anchors[j]
+        window = self._ids(text[:p]) if j == 0 else self.tok(text[a:p], add_special_tokens=False)["input_ids"]
+        if ids[k: k + len(window)] != window:
+            raise conv.error(
+                f"the {self.family.name!r} template does not tokenise stably around reply {reply} "
+                "(the training prompt would differ from the inference prompt); check the text for "
+                "stray special tokens", kind="template_mismatch")
+        return k + len(window)
+
     def encode(self, conv: Conversation, sizes: list[tuple[int, int]]) -> Encoded:
         pieces = self.family.pieces(conv.turns)
         text = "".join(p.text for p in pieces)
-        ids = self._ids(text)
+        ids, anchors = self._tokenise(text)
+        chars = [a for a, _ in anchors]
         labels = [IGNORE_INDEX] * len(ids)
         spans: list[tuple[int, int]] = []  # token span of each reply: separator, reply, end-of-turn
         pos = 0
@@ -116,16 +156,12 @@ class Encoder:
             pos = end
             if not piece.trained:
                 continue
-            before, upto = self._ids(text[:start]), self._ids(text[:end])
-            if ids[: len(before)] != before or ids[: len(upto)] != upto:
-                raise conv.error(
-                    f"the {self.family.name!r} template does not tokenise stably around reply {len(spans)} "
-                    "(the training prompt would differ from the inference prompt); check the text for "
-                    "stray special tokens", kind="template_mismatch")
-            if len(upto) <= len(before):
+            before = self._prefix(conv, text, ids, anchors, chars, start, len(spans))
+            upto = self._prefix(conv, text, ids, anchors, chars, end, len(spans))
+            if upto <= before:
                 raise conv.error(f"reply {len(spans)} produced no tokens", kind="empty_reply")
-            labels[len(before): len(upto)] = ids[len(before): len(upto)]
-            spans.append((len(before), len(upto)))
+            labels[before:upto] = ids[before:upto]
+            spans.append((before, upto))
 
         out_ids, out_labels, new_pos, images_before, counts = self._expand(conv, ids, labels, sizes)
         kept_replies, kept_images, length = len(spans), len(sizes), len(out_ids)
@@ -225,6 +261,66 @@ class SkipReport:
         return "\n".join(lines)
 
 
+# Every kind a `DataError` can have (the shared fetch-time counters index into this); others count as "invalid".
+SKIP_KINDS = ("invalid", "malformed_json", "bad_encoding", "too_deep", "bad_structure", "unknown_role",
+              "non_string_text", "empty_reply", "placeholder_mismatch", "template_mismatch", "too_long",
+              "bad_image_ref", "missing_image", "not_a_file", "path_escape", "bad_image_format", "corrupt_image",
+              "image_too_large")
+MAX_REPLACEMENTS = 32  # consecutive failing samples before a fetch gives up (something systematic is wrong)
+
+
+class FetchSkips:
+    """Samples skipped when fetched (pixels decoded in DataLoader workers), counted in shared memory so
+    the main process sees what every worker skipped: counts by kind and the first `keep` messages (each
+    names the file, the sample and the field). Each of the `n` samples counts once, however often it is
+    fetched (as itself or as a replacement; over epochs). Created before workers start (inherited)."""
+
+    MESSAGE_BYTES = 400
+
+    def __init__(self, n: int, keep: int = 5):
+        import multiprocessing
+
+        self.seen = multiprocessing.Array("B", (n + 7) // 8, lock=False)  # one bit per sample
+        self.keep = keep
+        self.counts = multiprocessing.Array("q", len(SKIP_KINDS))
+        self.first_kind = multiprocessing.Array("q", [-1] * keep, lock=False)
+        self.first_id = multiprocessing.Array("c", self.MESSAGE_BYTES * keep, lock=False)
+        self.first_message = multiprocessing.Array("c", self.MESSAGE_BYTES * keep, lock=False)
+
+    def add(self, i: int, err: DataError) -> int:
+        """Count sample `i` failing with `err` (once); returns how many samples were skipped at fetch so far."""
+        code = SKIP_KINDS.index(err.kind) if err.kind in SKIP_KINDS else 0
+        where = err.sample_id if err.sample_id is not None else (f"#{err.index}" if err.index is not None else "?")
+        with self.counts.get_lock():
+            total = sum(self.counts[:])
+            if i >= 0:  # i < 0: a sample without an index (streams: each is read once per epoch)
+                if self.seen[i // 8] & (1 << (i % 8)):
+                    return total
+                self.seen[i // 8] |= 1 << (i % 8)
+            self.counts[code] += 1
+            if total < self.keep:
+                b = self.MESSAGE_BYTES
+                self.first_kind[total] = code
+                self.first_id[total * b: (total + 1) * b] = str(where).encode()[:b].ljust(b, b"\0")
+                self.first_message[total * b: (total + 1) * b] = str(err).encode()[:b].ljust(b, b"\0")
+        return total + 1
+
+    def report(self) -> SkipReport:
+        out = SkipReport()
+        b = self.MESSAGE_BYTES
+        with self.counts.get_lock():
+            counts = list(self.counts[:])
+            for k in range(self.keep):
+                if self.first_kind[k] >= 0:
+                    out.record(SKIP_KINDS[self.first_kind[k]],
+                               self.first_id[k * b: (k + 1) * b].rstrip(b"\0").decode(errors="replace"),
+                               self.first_message[k * b: (k + 1) * b].rstrip(b"\0").decode(errors="replace"))
+        for code, n in enumerate(counts):  # record() above counted the kept ones once
+            if n:
+                out.counts[SKIP_KINDS[code]] = n
+        return out
+
+
 def prepare(row: Any, *, index: int, source: str, fmt: str, image_root: Path,
             encoder: Encoder) -> tuple[Conversation, list[tuple[int, int]], Encoded]:
     """One raw row to a checked conversation (image references resolved), its image sizes (headers
@@ -236,6 +332,22 @@ def prepare(row: Any, *, index: int, source: str, fmt: str, image_root: Path,
     conv.images = [resolve_ref(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
     sizes = [image_size(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
     return conv, sizes, encoder.encode(conv, sizes)
+
+
+def to_item(conv: Conversation, sizes: list[tuple[int, int]], enc: Encoded, image_processor,
+            image_root: Path) -> dict[str, Any]:
+    """A training item: ids and labels as tensors and, for the kept images, decoded pixels (every pixel:
+    cut or corrupt image data raises a `DataError` here) through the image processor."""
+    item: dict[str, Any] = {
+        INPUT_IDS: torch.tensor(enc.input_ids, dtype=torch.long),
+        LABELS: torch.tensor(enc.labels, dtype=torch.long),
+    }
+    if enc.num_images:
+        images = [load_rgb(ref, image_root, conv, k) for k, ref in enumerate(conv.images[: enc.num_images])]
+        out = image_processor(images=images, do_pad=False)
+        item[PIXEL_VALUES] = [torch.as_tensor(p) for p in out["pixel_values"]]
+        item[IMAGE_SIZES] = [list(s) for s in sizes[: enc.num_images]]
+    return item
 
 
 def should_skip(err: DataError, cfg: DataConfig) -> bool:
@@ -270,7 +382,49 @@ def iter_encoded(source: Source, cfg: DataConfig, encoder: Encoder, skipped: Ski
             skipped.add(err)
 
 
-class ConversationDataset(torch.utils.data.Dataset):
+class ExampleDataset(torch.utils.data.Dataset):
+    """What the eager and the lazy dataset share: fetching with the bad-data policy.
+
+    `_fetch(i)` builds item i (decoding pixels). A sample that fails there is raised (data.on_error=error,
+    or data.overflow=error for too-long ones: the `DataError` names file, sample and field) or skipped:
+    counted in `fetch_skips` (shared by all DataLoader workers), logged, and replaced by the next sample
+    that works, so every batch still forms with its planned size. `skipped` is the whole report: samples
+    left out at start plus those skipped at fetch so far.
+    """
+
+    cfg: DataConfig
+    start_skips: SkipReport
+    fetch_skips: FetchSkips
+
+    def _fetch(self, i: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def skipped(self) -> SkipReport:
+        out = SkipReport()
+        out.merge(self.start_skips)
+        out.merge(self.fetch_skips.report())
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        for attempt in range(min(MAX_REPLACEMENTS, n)):
+            j = (i + attempt) % n
+            try:
+                return self._fetch(j)
+            except DataError as err:
+                if not should_skip(err, self.cfg):
+                    raise
+                before = sum(self.fetch_skips.counts[:])
+                count = self.fetch_skips.add(j, err)
+                if count > before and (count <= 20 or count % 1000 == 0):
+                    log.warning("skipped at fetch (%d so far; replaced by the next sample): %s", count, err)
+        raise DataError(f"{min(MAX_REPLACEMENTS, n)} consecutive samples from #{i} failed when fetched "
+                        f"({self.fetch_skips.report().summary()}); something systematic is wrong (data.image_root?)",
+                        source=str(getattr(self, "path", "")), index=i)
+
+
+class ConversationDataset(ExampleDataset):
     """A data source (or a weighted mix of sources) as training examples.
 
     Indexing reads image headers only; pixels are decoded lazily per item (DataLoader workers).
@@ -284,41 +438,36 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.image_root = default_image_root(self.sources[0], cfg.image_root)
         self.encoder = encoder
         self.image_processor = image_processor
-        self.skipped = SkipReport()
+        self.cfg = cfg
+        self.start_skips = SkipReport()
         self.items: list[tuple[Conversation, list[tuple[int, int]]]] = []
         self.lengths: list[int] = []
         self.source_index: list[int] = []  # which source each item came from
+        self.root_of = [default_image_root(src, cfg.image_root) for src in self.sources]
         for s, source in enumerate(self.sources):
             items, lengths = [], []
-            for conv, sizes, enc in iter_encoded(source, cfg, encoder, self.skipped):
+            for conv, sizes, enc in iter_encoded(source, cfg, encoder, self.start_skips):
                 items.append((conv, sizes))
                 lengths.append(len(enc.input_ids))
             for k in apply_weight(len(items), source.weight, cfg.mix_seed + s):
                 self.items.append(items[k])
                 self.lengths.append(lengths[k])
                 self.source_index.append(s)
-        if self.skipped.total:
-            log.warning("%s: %s", self.path, self.skipped.summary())
+        self.fetch_skips = FetchSkips(len(self.items))
+        if self.start_skips.total:
+            log.warning("%s: %s", self.path, self.start_skips.summary())
         if not self.items:
-            raise DataError("no usable samples" + (f" ({self.skipped.summary()})" if self.skipped.total else ""),
+            raise DataError("no usable samples" + (f" ({self.start_skips.summary()})" if self.start_skips.total
+                                                   else ""),
                             source=str(self.path))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _fetch(self, i: int) -> dict[str, Any]:
         conv, sizes = self.items[i]
-        enc = self.encoder.encode(conv, sizes)
-        item: dict[str, Any] = {
-            INPUT_IDS: torch.tensor(enc.input_ids, dtype=torch.long),
-            LABELS: torch.tensor(enc.labels, dtype=torch.long),
-        }
-        if enc.num_images:
-            images = [load_rgb(ref, self.image_root, conv, k) for k, ref in enumerate(conv.images[: enc.num_images])]
-            out = self.image_processor(images=images, do_pad=False)
-            item[PIXEL_VALUES] = [torch.as_tensor(p) for p in out["pixel_values"]]
-            item[IMAGE_SIZES] = [list(s) for s in sizes[: enc.num_images]]
-        return item
+        return to_item(conv, sizes, self.encoder.encode(conv, sizes), self.image_processor,
+                       self.root_of[self.source_index[i]])
 
     def conversation(self, i: int) -> Conversation:
         return self.items[i][0]
@@ -327,12 +476,29 @@ class ConversationDataset(torch.utils.data.Dataset):
         return self.items[i][0].question_type
 
 
+def check_stream(cfg: DataConfig) -> list[str]:
+    """Problems with a streaming source (data.streaming): one source; local tar shards must exist."""
+    import glob
+
+    if cfg.sources or not cfg.train_path:
+        return ["data.streaming reads one source: set data.train_path (tar shards, a parquet/arrow file or a hub "
+                "id), not data.sources"]
+    path = cfg.train_path
+    if ".tar" in Path(path).name and "://" not in path and not glob.glob(path):
+        return [f"data.train_path={path!r}: no tar shards match it"]
+    if ".tar" not in Path(path).name and "://" not in path:
+        return check_path(path, "data.train_path")
+    return []
+
+
 def check_data(cfg: DataConfig) -> list[str]:
     """Problems with a `DataConfig`, for up-front validation (nothing is read but file existence)."""
     problems: list[str] = []
     if not cfg.train_path and not cfg.sources:
         problems.append("set data.train_path or data.sources")
-    if cfg.train_path:
+    if cfg.streaming:
+        problems += check_stream(cfg)
+    elif cfg.train_path:
         problems += check_path(cfg.train_path, "data.train_path")
     for k, src in enumerate(cfg.sources):
         problems += check_path(src.path, f"data.sources[{k}].path")

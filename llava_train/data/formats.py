@@ -9,6 +9,7 @@ Every problem is reported as a `DataError` naming the file, the sample and the f
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -66,26 +67,49 @@ class Conversation:
         return DataError(message, source=self.source, index=self.index, sample_id=self.id, field=field, kind=kind)
 
 
+def _decode(raw: bytes, path: Path, index: int | None, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} is not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); the file may "
+                        "be Latin-1 or another encoding: re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                        source=str(path), index=index, kind="bad_encoding") from None
+
+
+def _loads(text: str, path: Path, index: int | None, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        fix = "fix or remove that line" if index is not None else f"fix it (line {exc.lineno})"
+        raise DataError(f"malformed JSON {where}: {exc.msg} (column {exc.colno}); {fix}",
+                        source=str(path), index=index, kind="malformed_json") from None
+    except RecursionError:
+        raise DataError(f"JSON {where} is nested too deeply to read (over ~{sys.getrecursionlimit()} levels); "
+                        "flatten or remove it", source=str(path), index=index, kind="too_deep") from None
+
+
+def parse_line(raw: bytes, path: Path, lineno: int) -> Any:
+    """One JSONL record (`raw`: the bytes of line `lineno`, 0-based) as a row, or a `DataError` row for a
+    line that is not UTF-8, not JSON or nested too deeply (so `data.on_error=skip` can count it)."""
+    try:
+        text = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 0 else raw, path, lineno, f"line {lineno + 1}")
+        return _loads(text, path, lineno, f"on line {lineno + 1}")
+    except DataError as err:
+        return err
+
+
 def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(index, row) of a JSON list or JSONL file; a malformed JSONL line comes as a `DataError` row
-    (so `data.on_error=skip` can count it), a malformed JSON list raises."""
-    text = path.read_text(encoding="utf-8")
+    """(index, row) of a JSON list or JSONL file; a bad JSONL line comes as a `DataError` row (so
+    `data.on_error=skip` can count it), a bad JSON list raises. JSONL is split on `\\n` only: U+2028,
+    U+0085 and other characters `str.splitlines` would split on are legal inside JSON strings."""
+    raw = path.read_bytes()
     if path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines()):
+        for lineno, line in enumerate(raw.split(b"\n")):
             if not line.strip():
                 continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, DataError(f"malformed JSON on line {lineno + 1}: {exc.msg} (column {exc.colno}); "
-                                        "fix or remove that line", source=str(path), index=lineno,
-                                        kind="malformed_json")
+            yield lineno, parse_line(line, path, lineno)
         return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
-                        source=str(path), kind="malformed_json") from None
+    data = _loads(_decode(raw.removeprefix(b"\xef\xbb\xbf"), path, None, "the file"), path, None, "in the file")
     if not isinstance(data, list):
         raise DataError("expected a JSON list of samples (or use .jsonl, one sample per line)", source=str(path))
     yield from enumerate(data)
@@ -95,6 +119,25 @@ def _text(value: Any, err) -> str:
     if not isinstance(value, str):
         raise err(f"text must be a string, got {type(value).__name__}", "non_string_text")
     return value
+
+
+def _is_ref(value: Any) -> bool:
+    if isinstance(value, dict):  # a datasets.Image value {bytes, path}
+        return isinstance(value.get("bytes"), (bytes, bytearray)) or isinstance(value.get("path"), str)
+    return isinstance(value, (str, bytes, bytearray)) or type(value).__module__.startswith("PIL.")
+
+
+def image_refs(value: Any, err) -> list[ImageRef]:
+    """A sample's image field as a list of references (path strings, bytes, {bytes, path}); anything
+    else (a number, a nested list, null inside the list) is `err(message)`."""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for k, item in enumerate(items):
+        if not _is_ref(item):
+            raise err(f"image {k} is {type(item).__name__} {item!r:.40}: an image must be a path string, bytes or "
+                      "a {bytes, path} object")
+    return items
 
 
 def from_llava(row: dict, *, source: str, index: int) -> Conversation:
@@ -116,13 +159,7 @@ def from_llava(row: dict, *, source: str, index: int) -> Conversation:
             raise err(f"turn {j} has unknown role {msg['from']!r}; use one of {sorted(ROLE_ALIASES)}",
                       "unknown_role")
         turns.append(Turn(role, _text(msg["value"], lambda m, k: err(f"turn {j}: {m}", k))))
-    image = row.get("image")
-    if image is None:
-        images: list[ImageRef] = []
-    elif isinstance(image, (str, bytes, dict)):  # a dict is a datasets.Image value {bytes, path}
-        images = [image]
-    else:
-        images = list(image)
+    images = image_refs(row.get("image"), lambda m: err(m, "bad_image_ref", "image"))
     return Conversation(id=str(sid), turns=turns, images=images, source=source, index=index,
                         question_type=str(row.get("question_type", "")))
 
@@ -156,10 +193,9 @@ def from_messages(row: dict, *, source: str, index: int) -> Conversation:
         else:
             raise err(f"message {j}: content must be a string or a list of parts", "non_string_text")
         turns.append(Turn(role, text))
-    images = row.get("images") or []
-    if isinstance(images, (str, bytes, dict)):
-        images = [images]
-    return Conversation(id=str(sid), turns=turns, images=list(images), source=source, index=index,
+    images = image_refs(row.get("images"), lambda m: DataError(m, source=source, index=index, sample_id=sid,
+                                                               field="images", kind="bad_image_ref"))
+    return Conversation(id=str(sid), turns=turns, images=images, source=source, index=index,
                         question_type=str(row.get("question_type", "")))
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from llava_train.data.formats import Conversation, ImageRef
+from llava_train.data.formats import Conversation, DataError, ImageRef
 
 # Larger images are refused (PIL's own bomb limit is a warning below 2x this).
 MAX_IMAGE_PIXELS = 64_000_000
@@ -100,27 +103,94 @@ def resolve_ref(ref: ImageRef, image_root: Path, conv: Conversation, position: i
         return str(resolve_path(ref, image_root, conv, position))
     return ref
 
+# The only formats images are opened as, with the file extensions that name them. PIL would otherwise
+# try every plugin it has (EPS runs Ghostscript, where installed, on a file merely named `.png`).
+FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
+    "PNG": (".png",),
+    "WEBP": (".webp",),
+    "GIF": (".gif",),
+    "BMP": (".bmp", ".dib"),
+    "TIFF": (".tif", ".tiff"),
+}
+ALLOWED_FORMATS = tuple(FORMAT_EXTENSIONS)
+_BY_EXTENSION = {ext: fmt for fmt, exts in FORMAT_EXTENSIONS.items() for ext in exts}
+
+
+def _formats_for(name: str, conv: Conversation, fld: str) -> tuple[str, ...]:
+    """The formats a file called `name` may be opened as: the one its extension names (content and
+    extension must agree); any allowed format when it has no extension; refused for other extensions."""
+    ext = Path(name).suffix.lower()
+    if not ext:
+        return ALLOWED_FORMATS
+    if ext not in _BY_EXTENSION:
+        raise conv.error(f"image {name!r} has extension {ext!r}, not one of the allowed image formats "
+                         f"({', '.join(ALLOWED_FORMATS)}); convert it", field=fld, kind="bad_image_format")
+    return (_BY_EXTENSION[ext],)
+
+
+_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
+          "BMP": (b"BM",), "TIFF": (b"II*\x00", b"MM\x00*"), "WEBP": (b"RIFF",)}
+
+
+def _looks_like(head: bytes, formats: tuple[str, ...]) -> bool:
+    return any(head.startswith(m) and (f != "WEBP" or head[8:12] == b"WEBP") for f in formats for m in _MAGIC[f])
+
+
+def _open_as(fp, formats: tuple[str, ...], name: str, conv: Conversation, fld: str) -> Image.Image:
+    try:
+        return Image.open(fp, formats=list(formats))
+    except UnidentifiedImageError:
+        if isinstance(fp, str):
+            with open(fp, "rb") as f:
+                head = f.read(16)
+        else:
+            fp.seek(0)
+            head = fp.read(16)
+        if _looks_like(head, formats):  # the right signature, broken after it
+            fmt = formats[0] if len(formats) == 1 else "image"
+            raise conv.error(f"unreadable or corrupt image ({name or 'bytes'}: a broken {fmt} header); "
+                             "re-encode or remove it", field=fld, kind="corrupt_image") from None
+        what = f"a {formats[0]} image as its extension says" if len(formats) == 1 else \
+            f"an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        raise conv.error(f"{name or 'the image bytes'} is not {what}; re-encode it or fix the name",
+                         field=fld, kind="bad_image_format") from None
+
+
 def _open(ref: ImageRef, image_root: Path, conv: Conversation, position: int) -> Image.Image:
     fld = f"image[{position}]"
     try:
-        if isinstance(ref, (bytes, bytearray)):
-            return Image.open(io.BytesIO(ref))
-        if isinstance(ref, dict) and (ref.get("bytes") or ref.get("path")):  # datasets.Image feature
-            return _open(ref.get("bytes") or ref["path"], image_root, conv, position)
+        if isinstance(ref, dict) and (ref.get("bytes") or ref.get("path")):  # datasets.Image value
+            data, name = ref.get("bytes"), ref.get("path") or ""
+            if data:
+                formats = _formats_for(name, conv, fld) if name else ALLOWED_FORMATS
+                return _open_as(io.BytesIO(data), formats, name, conv, fld)
+            ref = name
+        if isinstance(ref, (bytes, bytearray, memoryview)):
+            return _open_as(io.BytesIO(ref), ALLOWED_FORMATS, "", conv, fld)
         if isinstance(ref, Image.Image):
             return ref
         if not isinstance(ref, str):
-            raise conv.error(f"image reference must be a path or bytes, got {type(ref).__name__}", field=fld)
+            raise conv.error(f"image reference must be a path string, bytes or a {{bytes, path}} object, got "
+                             f"{type(ref).__name__} ({ref!r:.40})", field=fld, kind="bad_image_ref")
         path = resolve_path(ref, image_root, conv, position)
-        if not path.exists():
+        try:
+            st = os.stat(path)  # before any open: a FIFO or device would block or stream forever
+        except FileNotFoundError:
             raise conv.error(f"image file {path} not found; check data.image_root "
-                             f"(relative paths resolve against it)", field=fld, kind="missing_image")
-        return Image.open(path)
+                             f"(relative paths resolve against it)", field=fld, kind="missing_image") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise conv.error(f"image path {path} is not a regular file (a folder, FIFO, device or socket); "
+                             "point it at an image file", field=fld, kind="not_a_file")
+        return _open_as(str(path), _formats_for(path.name, conv, fld), str(path), conv, fld)
     except Image.DecompressionBombError as exc:
         raise conv.error(f"{exc}; downscale it", field=fld, kind="image_too_large") from None
-    except (OSError, SyntaxError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise conv.error(f"unreadable or corrupt image ({exc}); re-encode or remove it", field=fld,
                          kind="corrupt_image") from None
+
 
 def image_size(ref: ImageRef, image_root: Path, conv: Conversation, position: int) -> tuple[int, int]:
     """(height, width) from the header only."""
@@ -134,15 +204,38 @@ def image_size(ref: ImageRef, image_root: Path, conv: Conversation, position: in
         raise conv.error(f"image has an empty size {w}x{h}", field=f"image[{position}]", kind="corrupt_image")
     return h, w
 
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB with the image's real range scaled to 0..255. PIL's own `convert("RGB")` clips 16-bit
+    and 32-bit integer images at 255 (a 16-bit PNG becomes nearly two grey levels) and casts floats
+    without scaling (a 0..1 float TIFF becomes black). Integer images: 16-bit range scaled down by 257
+    (values <= 255 throughout are taken as 8-bit). Float images: 0..1 scaled by 255, 0..255 kept,
+    larger ranges treated as 16-bit; NaN is 0."""
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(a.max()) if a.size else 0.0
+        if img.mode == "F" and top <= 1.0:
+            a = a * 255.0
+        elif top > 255.0:
+            a = a / 257.0
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
 def load_rgb(ref: ImageRef, image_root: Path, conv: Conversation, position: int) -> Image.Image:
-    """Decoded RGB pixels (palette, grey, RGBA, CMYK... converted)."""
+    """Decoded RGB pixels (palette, grey, RGBA, CMYK, 16-bit and float images converted). Every pixel is
+    decoded here, so cut or corrupt pixel data fails here as a `DataError` naming the sample."""
+    fld = f"image[{position}]"
     img = _open(ref, image_root, conv, position)
     try:
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise conv.error("image over the decompression bomb limit", field=fld, kind="image_too_large")
         img.load()
-    except (OSError, SyntaxError) as exc:
-        raise conv.error(f"unreadable or corrupt image ({exc}); re-encode or remove it",
-                         field=f"image[{position}]", kind="corrupt_image") from None
-    if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise conv.error("image over the decompression bomb limit", field=f"image[{position}]",
-                         kind="image_too_large")
-    return img.convert("RGB") if img.mode != "RGB" else img
+        return to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise conv.error(f"corrupt or truncated pixel data ({exc}); re-encode or remove it", field=fld,
+                         kind="corrupt_image") from None

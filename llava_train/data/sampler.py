@@ -24,6 +24,7 @@ HF Trainer's (accelerate's `skip_first_batches`): the plan only has to be the sa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -175,6 +176,8 @@ def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: in
                                    pad_to_multiple_of=cfg.pad_to_multiple_of)
     else:
         collator = Collator(pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    if getattr(cfg, "streaming", False):
+        return collator, None  # a stream groups inside its window (data/streaming.py)
     if not (cfg.packing or cfg.group_by_length or cfg.group_by_modality or cfg.max_tokens_per_batch):
         return collator, None  # HF Trainer's random sampler
     spec = PlanSpec(batch_size=batch_size, group_by_length=cfg.group_by_length,
@@ -183,6 +186,17 @@ def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: in
                     world_size=world_size)
     flags = has_image_flags(dataset) if cfg.group_by_modality else None
     return collator, PlanSampler(dataset.lengths, flags, spec, seed=seed)
+
+
+def num_workers(cfg) -> int:
+    """`data.num_workers`, or when None: min(4, CPU cores available per local rank - 1). Samples are built
+    at fetch (tokenised, images decoded and preprocessed), so workers overlap that with the step; one core
+    stays with the training process."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(4, per_rank - 1))
 
 
 def batching_problems(cfg) -> list[str]:
@@ -198,10 +212,10 @@ def batching_problems(cfg) -> list[str]:
         problems.append("data.pad_to_multiple_of must be >= 1")
     if cfg.group_window < 1:
         problems.append("data.group_window must be >= 1")
-    if cfg.num_workers < 0:
-        problems.append("data.num_workers must be >= 0")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        problems.append("data.num_workers must be >= 0 (or null: auto)")
     if cfg.prefetch_factor is not None and (cfg.num_workers == 0 or cfg.prefetch_factor < 1):
-        problems.append("data.prefetch_factor needs data.num_workers > 0 and a value >= 1")
+        problems.append("data.prefetch_factor needs data.num_workers > 0 (or auto) and a value >= 1")
     if len(cfg.lazy_image_hw) != 2 or min(cfg.lazy_image_hw) < 1:
         problems.append(f"data.lazy_image_hw={list(cfg.lazy_image_hw)} must be [height, width] in pixels")
     return problems

@@ -1,9 +1,11 @@
 """`llava doctor`: validate a whole dataset fast and describe it.
 
-Every sample goes through the exact training path (format, structure, image headers, template,
-tokenisation, image-token expansion, truncation) without decoding pixels, in parallel worker
-processes. The report: counts of each error kind with the first sample ids; histograms of sample
-lengths and image tokens per image (text, and a PNG); images per sample; share of text-only samples;
+Every sample goes through the exact training path (`data.dataset.prepare`: format, structure, image
+headers, template, tokenisation, image-token expansion, truncation) without decoding pixels, in parallel
+worker processes; `doctor.decode=true` also decodes every image's pixels there (as training will), which
+catches truncated or corrupt pixel data behind an intact header. The report: counts of each error kind
+with the first sample ids; histograms of sample lengths and image tokens per image (text, and a PNG);
+images per sample; share of text-only samples;
 how many samples exceed `data.max_length` (and whether they are truncated or dropped); trained tokens
 per epoch. `llava doctor` exits non-zero when any sample has an error.
 """
@@ -24,6 +26,7 @@ from llava_train.config.jobs import DoctorJobConfig
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.dataset import Encoder, SkipReport, as_sources, prepare
 from llava_train.data.formats import DataError
+from llava_train.data.images import load_rgb
 from llava_train.data.sources import Source, apply_weight, count_rows, default_image_root, iter_rows
 from llava_train.inspection.preview import load_encoder
 
@@ -63,8 +66,8 @@ class Report:
 _WORKER: dict[str, Any] = {}
 
 
-def _init(full: Encoder, bounded: Encoder, fmt: str, root: str, source: str) -> None:
-    _WORKER.update(full=full, bounded=bounded, fmt=fmt, root=Path(root), source=source)
+def _init(full: Encoder, bounded: Encoder, fmt: str, root: str, source: str, decode: bool = False) -> None:
+    _WORKER.update(full=full, bounded=bounded, fmt=fmt, root=Path(root), source=source, decode=decode)
 
 
 def _check(index: int, row: Any) -> Result:
@@ -72,6 +75,9 @@ def _check(index: int, row: Any) -> Result:
     try:
         conv, sizes, enc = prepare(row, index=index, source=w["source"], fmt=w["fmt"], image_root=w["root"],
                                    encoder=w["full"])
+        if w["decode"]:  # every pixel, as training will (truncated data passes the header read)
+            for k, ref in enumerate(conv.images):
+                load_rgb(ref, w["root"], conv, k)
         res = Result(index, length=len(enc.input_ids), image_tokens=enc.image_tokens)
         bounded = enc
         if res.length > w["bounded"].max_length:
@@ -102,9 +108,9 @@ def _chunks(rows, size: int):
 
 
 def check_source(source: Source, cfg: DataConfig, full: Encoder, bounded: Encoder, *, workers: int,
-                 progress: bool, report: Report) -> None:
+                 progress: bool, report: Report, decode: bool = False) -> None:
     root = str(default_image_root(source, cfg.image_root))
-    init = (full, bounded, source.format, root, source.path)
+    init = (full, bounded, source.format, root, source.path, decode)
     total = count_rows(source)
     rows = iter_rows(source)  # streamed: HF datasets are memory-mapped, never loaded whole
     results: list[Result] = []
@@ -222,7 +228,8 @@ def doctor(cfg: DoctorJobConfig, output_dir: str, out: Optional[TextIO] = None) 
     for name, path in splits:
         report = Report(name)
         for source in as_sources(path, cfg.data):
-            check_source(source, cfg.data, full, bounded, workers=workers, progress=d.progress, report=report)
+            check_source(source, cfg.data, full, bounded, workers=workers, progress=d.progress, report=report,
+                         decode=d.decode)
         reports.append(report)
         print(format_report(report, cfg.data, d.show_ids, d.bins), file=out)
     png = Path(d.plot) if d.plot else Path(output_dir) / "doctor.png"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,10 +17,10 @@ from transformers import TrainingArguments
 
 from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainJobConfig
 from llava_train.config.hf_args import hf_arguments
-from llava_train.data.dataset import ConversationDataset, Encoder
+from llava_train.data.dataset import ConversationDataset, Encoder, as_sources
 from llava_train.data.images import ImageGeometry
 from llava_train.data.index import LazyConversationDataset
-from llava_train.data.sampler import batching
+from llava_train.data.sampler import batching, num_workers
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.files import write_json_atomic
@@ -37,7 +38,7 @@ from llava_train.train.distributed import (
 )
 from llava_train.train.identity import Claim, RunFolder, RunIdentity
 from llava_train.train.resume import Preemption
-from llava_train.train.trainer import LlavaTrainer
+from llava_train.train.trainer import LlavaTrainer, stream_state_file
 from llava_train.train.validate import check_fits, check_train
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
         checkpoint = resolve_checkpoint(cfg.model)
     print(f"base checkpoint: {checkpoint}", flush=True)
     processor = load_processor(checkpoint)
-    train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
+    train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor,
+                                       batch_size=cfg.trainer.per_device_train_batch_size, seed=cfg.seed)
 
     args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
@@ -89,6 +91,8 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
     resume_from = claim.resume
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
+        if cfg.data.streaming:  # the stream's position, saved with each checkpoint (LlavaTrainer)
+            trainer.stream_state = json.loads(stream_state_file(resume_from, args.process_index).read_text())
     start = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - start
@@ -100,14 +104,17 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
 
     trainer.save_final(out / FINAL, processor)
 
+    skipped = train_ds.skipped  # at start and at fetch (pixels that failed to decode), all workers
+    print(f"train: {skipped.summary()}", flush=True)
     results: dict[str, Any] = {
         "run_id": identity.run_id,
         "train_loss": losses[-1][1] if losses else None,
         "first_train_loss": losses[0][1] if losses else None,
         "loss_history": losses,
         "train_seconds": round(train_seconds, 1),
-        "train_samples": len(train_ds),
-        "skipped_train_samples": dict(train_ds.skipped.counts),
+        "train_samples": len(train_ds) if hasattr(train_ds, "__len__") else None,  # None: streamed
+        "skipped_train_samples": dict(skipped.counts),
+        "skipped_train_ids": skipped.ids,  # the first few per kind
         "base_checkpoint": checkpoint,
         "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
         "world_size": args.world_size,
@@ -127,13 +134,21 @@ def loss_history(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return [(h["step"], float(h["loss"])) for h in log_history if "loss" in h and "step" in h]
 
 
-def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
+def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor, *, batch_size: int = 1, seed: int = 0):
     encoder = Encoder.from_config(processor.tokenizer, get_family(model_cfg.family),
                                   ImageGeometry.from_processor(processor), cfg)
-    if cfg.lazy_index:  # very large sets: no tokenisation or image reads at start (data/index.py)
-        train = LazyConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
-    else:
-        train = ConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
+    if cfg.streaming:  # read as a stream, this rank's shards only (data/streaming.py)
+        from llava_train.data.streaming import StreamingDataset
+
+        train = StreamingDataset(as_sources(cfg.train_path, cfg)[0], cfg, encoder, processor.image_processor,
+                                 rank=int(os.environ.get("RANK", 0)),
+                                 world_size=int(os.environ.get("WORLD_SIZE", 1)), batch_size=batch_size, seed=seed)
+        print(f"train: streaming {cfg.train_path}", flush=True)
+        evals = ConversationDataset(cfg.eval_path, cfg, encoder, processor.image_processor) if cfg.eval_path else None
+        return train, evals
+    # lazy for every source: nothing tokenised or read at start on any rank (data/index.py); the eval set
+    # is small and generation needs its conversations: indexed exactly
+    train = LazyConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
     print(f"train: {len(train)} samples from {cfg.train_path} ({train.skipped.summary()})", flush=True)
     evals = None
     if cfg.eval_path:
@@ -178,13 +193,14 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         run_name=run_name(cfg.logger, out),
         project=cfg.logger.project,
         remove_unused_columns=False,
-        dataloader_num_workers=cfg.data.num_workers,
-        dataloader_persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0,
+        dataloader_num_workers=num_workers(cfg.data),  # auto by default (data/sampler.py)
+        dataloader_persistent_workers=num_workers(cfg.data) > 0,
         seed=cfg.seed,
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
         train_sampling_strategy=str(t.data_order),
         **distributed_arguments(cfg.deepspeed),
+        ignore_data_skip=cfg.data.streaming or t.ignore_data_skip,  # a stream resumes itself (its saved state)
     )
     return TrainingArguments(**kwargs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from llava_train.data.streaming import StreamingDataset, StreamingLoader
 from llava_train.files import publish, remove_staging
 from llava_train.model.adapter_files import save_unsaved_trainables
 from llava_train.model.param_groups import param_groups
@@ -47,13 +49,24 @@ class LlavaTrainer(Trainer):
         self.train_batch_sampler = train_batch_sampler  # a global batch plan (data/sampler.py) or None
         self.prefetch_factor = prefetch_factor
 
+    stream_state = None  # a streaming loader's saved position, set before train() when resuming
+    stream_loader = None
+
     def get_train_dataloader(self):
-        """With a batch plan: its batches (grouped / token-budget / packed). The plan yields the global
-        list of batches; accelerate's `BatchSamplerShard` (batch_size None: variable-sized batches) hands
-        batch k to rank k % world_size, the plan's own split, and `skip_first_batches` resumes it."""
+        """Streaming data (data.streaming): the `StreamingLoader` (this rank's shards, its own epochs and
+        resume state; not re-sharded by accelerate). With a batch plan: its batches (grouped / token-budget /
+        packed). The plan yields the global list of batches; accelerate's `BatchSamplerShard` (batch_size
+        None: variable-sized batches) hands batch k to rank k % world_size, the plan's own split, and
+        `skip_first_batches` resumes it."""
+        workers = self.args.dataloader_num_workers
+        if isinstance(self.train_dataset, StreamingDataset):
+            self.stream_loader = StreamingLoader(self.train_dataset, self.data_collator, num_workers=workers,
+                                                 prefetch_factor=self.prefetch_factor)
+            if self.stream_state is not None:
+                self.stream_loader.load_state_dict(self.stream_state)
+            return self.stream_loader
         if self.train_batch_sampler is None:
             return self._workers_ignore_signals(super().get_train_dataloader())
-        workers = self.args.dataloader_num_workers
         loader = torch.utils.data.DataLoader(
             self.train_dataset,
             batch_sampler=self.train_batch_sampler,
@@ -103,12 +116,15 @@ class LlavaTrainer(Trainer):
                 write(folder, self.state)
             seal(folder, self.identity, self.state.global_step)
 
-        with _Staged(staging / name, run_dir / name, self.args.should_save, finish):
+        with _Staged(staging / name, run_dir / name, self.args.should_save, finish) as folder:
             self._staging = staging
             try:
                 super()._save_checkpoint(model, trial)  # its rotation sees the staging folder only
             finally:
                 self._staging = None
+            if self.stream_loader is not None:  # every rank's stream position, sealed with the checkpoint
+                state = json.dumps(self.stream_loader.state_dict())
+                stream_state_file(folder, self.args.process_index).write_text(state)
         if self.args.should_save:
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -132,6 +148,11 @@ class LlavaTrainer(Trainer):
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def stream_state_file(folder, rank: int) -> Path:
+    """Where each rank's streaming position (data/streaming.py) goes in a checkpoint."""
+    return Path(folder) / f"stream_state_rank{rank}.json"
 
 
 class _Staged:

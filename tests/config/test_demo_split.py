@@ -58,7 +58,7 @@ def test_naming_a_real_model_drops_the_demo():
     assert cfg.model.path == "llava-hf/llava-v1.6-mistral-7b-hf" and cfg.model.modules_to_save == []
     assert cfg.data.train_path == "/data/mix.json" and cfg.data.max_length == 4096
     assert cfg.trainer.gradient_checkpointing and cfg.model.dtype == "bf16" and cfg.model.attn_implementation == "auto"
-    assert cfg.data.num_workers > 0 and cfg.data.persistent_workers and cfg.data.pad_to_multiple_of == 8
+    assert cfg.data.num_workers > 0 and cfg.data.pad_to_multiple_of == 8
     # a model alone, and a local folder of the tiny geometry's group, also drop it
     demo_free(job("train", ["model=llava-v1.6-34b"]))
     demo_free(job("train", ["model.path=/models/my-llava"]))

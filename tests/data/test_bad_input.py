@@ -133,12 +133,19 @@ def test_too_long_follows_overflow_policy(data_dir, encoder, processor):
 
 
 def test_the_run_reports_skips(data_dir, processor, capsys):
+    """Training data is lazy: bad samples are found when fetched (in workers), counted, replaced, and the
+    whole report (kinds, ids, messages) is what the end-of-run summary prints."""
     from llava_train.config import ModelConfig
+    from llava_train.data.collate import Collator
     from llava_train.train.recipe import build_datasets
 
     path = _write(data_dir / "run.jsonl", [{"id": "g", "image": "ok.png", "conversations": _turns()}]
                   + [row for kind, row, _ in BAD if kind in ("missing_image", "unknown_role")])
-    train, _ = build_datasets(DataConfig(train_path=str(path), on_error="skip"), ModelConfig(path="tiny"), processor)
-    out = capsys.readouterr().out
-    assert len(train) == 1 and "train: 1 samples" in out and "3 sample(s) skipped" in out
-    assert "missing_image: 1" in out and "unknown_role: 2" in out
+    train, _ = build_datasets(DataConfig(train_path=str(path), on_error="skip", lazy_index_cache=False),
+                              ModelConfig(path="tiny"), processor)
+    assert "train: 4 samples" in capsys.readouterr().out
+    loader = torch.utils.data.DataLoader(train, batch_size=2, num_workers=2, collate_fn=Collator(pad_token_id=0))
+    assert [b["input_ids"].shape[0] for b in loader] == [2, 2]  # every bad one replaced by the good one
+    summary = train.skipped.summary()
+    assert "3 sample(s) skipped" in summary and "missing_image: 1" in summary and "unknown_role: 2" in summary
+    assert train.skipped.ids["unknown_role"] == ["r1", "r2"]

@@ -83,12 +83,13 @@ def test_fetch_errors_counted_or_raised(tmp_path, processor, encoder):
     path.write_text(json.dumps(rows))
     cfg = DataConfig(train_path=str(path), image_root=str(DEMO), on_error="skip")
     ds = LazyConversationDataset(str(path), cfg, encoder, processor.image_processor)
-    assert ds[1] is None and ds[0] is not None
-    assert ds.fetch_errors.value == 1 and ds.skipped.counts["missing_image"] == 1
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1,
-                                         collate_fn=lambda items: [it for it in items if it is not None])
-    assert len(next(iter(loader))) == 3
-    assert ds.fetch_errors.value == 2  # counted in the worker, visible here
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=list)
+    assert len(next(iter(loader))) == 4  # the batch keeps its size
+    assert ds.skipped.counts["missing_image"] == 1  # counted in the worker, visible here
+    assert ds.skipped.ids["missing_image"] == [rows[1]["id"]]
+    replaced = ds[1]  # replaced by the next sample that works
+    assert torch.equal(replaced["input_ids"], ds[2]["input_ids"])
+    assert ds.skipped.counts["missing_image"] == 1  # the same sample counts once
     strict = LazyConversationDataset(str(path), DataConfig(train_path=str(path), image_root=str(DEMO)), encoder,
                                      processor.image_processor)
     with pytest.raises(DataError, match="not found"):
@@ -105,3 +106,16 @@ def test_cache_reused_and_invalidated(tmp_path):
     assert again.offsets.tolist() == first.offsets.tolist() and again.lengths.tolist() == first.lengths.tolist()
     path.write_text(json.dumps(TRICKY[:2]))  # changed file: the cache is rebuilt
     assert len(LazyIndex(path, image_tokens=10, cache=True)) == 2
+
+
+def test_malformed_jsonl_line_is_one_counted_record(tmp_path, processor, encoder):
+    rows = json.loads((DEMO / "eval.json").read_text())[:3]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n\n" + '{"id": "cut", "conversations": [{"from": "hu\n  \r\n'
+                    + "\n".join(json.dumps(r) for r in rows[1:]) + "\n\n")
+    cfg = DataConfig(train_path=str(path), image_root=str(DEMO), on_error="skip", lazy_index_cache=False)
+    ds = LazyConversationDataset(str(path), cfg, encoder, processor.image_processor)
+    assert len(ds) == 4  # blank lines are not records; the cut one is
+    items = [ds[i] for i in range(4)]
+    assert torch.equal(items[1]["input_ids"], items[2]["input_ids"])  # the cut record replaced by the next
+    assert ds.skipped.counts == {"malformed_json": 1}

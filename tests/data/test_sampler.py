@@ -116,7 +116,21 @@ def test_bad_batching_settings_listed_together():
     from llava_train.data.sampler import batching_problems
 
     cfg = DataConfig(train_path="x", max_length=4096, packing=True, max_tokens_per_batch=1000, pad_to_multiple_of=0,
-                     prefetch_factor=2)
+                     prefetch_factor=2, num_workers=0)
     problems = batching_problems(cfg)
     assert len(problems) == 4, problems
     assert batching_problems(DataConfig(train_path="x")) == []
+
+
+def test_num_workers_auto_leaves_a_core_per_rank(monkeypatch):
+    from llava_train.config import DataConfig
+    from llava_train.data.sampler import num_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert num_workers(DataConfig()) == 1  # 2 cores per rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert num_workers(DataConfig()) == 4  # capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert num_workers(DataConfig()) == 0  # a core per rank: fetch in-process
+    assert num_workers(DataConfig(num_workers=3)) == 3

@@ -62,3 +62,30 @@ def test_doctor_fails_on_bad_samples(tmp_path, capsys):
                       ("empty_reply", rows[3]["id"]), ("malformed_json", "#5")]:
         assert any(line.strip().startswith(kind) and sid in line for line in out.splitlines()), (kind, out)
     assert "over data.max_length=60:" in out
+
+
+def test_doctor_decode_catches_cut_pixels_and_bad_fields(tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (10, 200, 10)).save(buf, format="JPEG")
+    (tmp_path / "ok.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # intact header
+    turns = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "green"}]
+    rows = [{"id": "ok", "image": "ok.jpg", "conversations": turns},
+            {"id": "cut", "image": "cut.jpg", "conversations": turns},
+            {"id": "five", "image": 5, "conversations": turns}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["doctor", f"data.train_path={path}", "data.eval_path=null", "doctor.workers=1",
+            f"hydra.run.dir={tmp_path}"]
+    with pytest.raises(SystemExit):  # header only (the fast default): the cut JPEG passes
+        main(args)
+    out = capsys.readouterr().out
+    assert "ERRORS: 1 sample(s)" in out and "bad_image_ref" in out and "first ids: five" in out
+    with pytest.raises(SystemExit):
+        main(args + ["doctor.decode=true"])
+    out = capsys.readouterr().out
+    assert "ERRORS: 2 sample(s)" in out and "corrupt_image" in out and "first ids: cut" in out

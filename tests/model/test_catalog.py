@@ -47,7 +47,7 @@ def test_real_model_config_carries_a_real_run(name):
     assert cfg.data.max_length >= largest + 1024  # the largest image plus a text budget
     assert cfg.model.dtype == "bf16" and cfg.trainer.gradient_checkpointing
     assert cfg.model.attn_implementation == "auto" and cfg.data.pad_to_multiple_of == 8
-    assert cfg.data.num_workers > 0 and cfg.data.persistent_workers
+    assert cfg.data.num_workers > 0
 
 
 @pytest.mark.parametrize("name", REAL)

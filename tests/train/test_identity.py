@@ -160,7 +160,7 @@ def test_symlinked_lazy_index_lock_never_truncates_its_target(tmp_path, processo
     from llava_train.data.images import ImageGeometry
     from llava_train.data.templates import get_family
 
-    cfg = DataConfig(train_path=str(data), image_root=str(DEMO), lazy_index=True)
+    cfg = DataConfig(train_path=str(data), image_root=str(DEMO))
     enc = Encoder.from_config(processor.tokenizer, get_family("mistral"), ImageGeometry.from_processor(processor), cfg)
     ds = LazyConversationDataset(str(data), cfg, enc, processor.image_processor)
     assert len(ds) > 0 and victim.read_text() == "precious"
