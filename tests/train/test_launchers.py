@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_distributed import free_port, launch
 
 from conftest import DEMO
-from test_distributed import free_port, launch
 
 pytestmark = pytest.mark.slow
 
