@@ -93,6 +93,7 @@ class Plan:
     stats: Optional[DataStats] = None
     tokens_per_step: int = 0
     steps_per_epoch: Optional[int] = None
+    max_steps: int = -1
     seconds_per_epoch: Optional[float] = None
     notes: list[str] = field(default_factory=list)
 
@@ -139,6 +140,8 @@ class Plan:
         lines.append(f"  tokens per optimizer step: <= {self.tokens_per_step:,}")
         if self.steps_per_epoch is not None:
             lines.append(f"  steps per epoch: {self.steps_per_epoch:,}")
+        if self.max_steps > 0:
+            lines.append(f"  trainer.max_steps={self.max_steps} ends the run first when smaller")
         if self.seconds_per_epoch is not None:
             lines.append(f"  wall time per epoch: {self.seconds_per_epoch / 3600:.1f} h")
         lines += [f"  note: {n}" for n in self.notes]
@@ -327,6 +330,7 @@ def build(cfg: TrainJobConfig, stats: Optional[DataStats] = None, *, assumed_har
     if d.max_tokens_per_batch:  # a token budget: as many samples as fit
         per_device = max(1, d.max_tokens_per_batch // max(stats.max_tokens, 1))
     plan.samples_per_device_step = per_device
+    plan.max_steps = t.max_steps
     samples_per_step = plan.world_size * per_device * t.gradient_accumulation_steps
     plan.tokens_per_step = samples_per_step * (d.max_length if d.packing else stats.max_tokens)
     if stats.num_samples:

@@ -106,3 +106,19 @@ def test_activation_model_against_what_autograd_saves(dtype, tiny_dir):
     planned = activation_bytes(checkpoint_config(ckpt), DTYPES[dtype], tokens, 0, False, checkpointing=False,
                                lora_r=16, adapter_dtype=lora_dtype)
     assert planned == pytest.approx(measured, rel=0.25), (planned, measured)
+
+
+def test_scanned_data_gives_counts_and_steps(tmp_path, tiny_dir):
+    import json
+
+    from conftest import DEMO
+
+    data = tmp_path / "small.json"
+    data.write_text(json.dumps(json.loads((DEMO / "train.json").read_text())[:20]))
+    cfg = job([f"data.train_path={data}", f"data.image_root={DEMO}", "plan.scan_data=true", "plan.world_size=2",
+               "trainer.per_device_train_batch_size=4", "plan.tokens_per_second=100"])
+    plan = build(cfg)
+    assert plan.stats.num_samples == 20 and plan.steps_per_epoch == 3  # 20 samples / (2 GPUs x 4)
+    assert 0 < plan.stats.max_tokens <= cfg.data.max_length and plan.stats.trained_tokens > 0
+    assert plan.tokens_per_step == 8 * plan.stats.max_tokens
+    assert plan.seconds_per_epoch == pytest.approx(3 * plan.tokens_per_step / 200)
