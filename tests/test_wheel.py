@@ -33,7 +33,9 @@ def test_wheel_trains_the_demo_from_another_folder(tmp_path):
     # this venv's packages (torch, transformers...) as a plain path: its .pth files (the editable
     # llava-train finder among them) are not processed
     (venv / site.split(str(venv) + "/")[1] / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)], check=True, timeout=300)
+    # --ignore-installed: this venv's llava-train metadata is visible through deps.pth
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)],
+                   check=True, timeout=300)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -42,7 +44,8 @@ def test_wheel_trains_the_demo_from_another_folder(tmp_path):
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(w.startswith(str(venv)) for w in where), where  # the wheel's package and configs, not the checkout
     proc = subprocess.run([str(venv / "bin" / "llava"), "train", "trainer.max_steps=1", "trainer.disable_tqdm=true",
-                           "eval.enabled=false", "output_dir=run"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+                           "eval.enabled=false", "output_dir=run"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the packaged demo data, train and eval split (generation eval skipped to keep the test short)
     assert f"samples from {venv}" in proc.stdout and "_resources/data/demo/train.json" in proc.stdout

@@ -23,7 +23,9 @@ The terms, per GPU (N = world size, b = bytes per element of the model dtype):
   the attention block's normed input (b h), roped q and k (b (h + h_kv)), v (b h_kv), the attention
   output and its reshaped copy (2 b h); the MLP block's normed input (b h), gate, up, activated gate and
   their product (4 b i); and, for 16-bit models, the fp32 copies RMSNorm makes (2 x 4 h). That is
-  b (5h + 2 h_kv + 4i) + 8h bytes. Without checkpointing all L layers keep it; with checkpointing each
+  b (5h + 2 h_kv + 4i) + 8h bytes. LoRA adds lora_A's outputs (7 r a, a the adapters' dtype size) and,
+  when the adapters are fp32 beside a 16-bit base, the fp32 copies of the seven linears' inputs peft casts
+  (a (6h + i)). Without checkpointing all L layers keep it; with checkpointing each
   layer keeps only its input (b h) and one layer's worth is rebuilt during backward. The frozen vision
   tower saves nothing; the trained projector saves its inputs for every image patch token.
 - **logits**: the loss projects only trained positions onto the vocabulary (`logits_to_keep`): R trained
@@ -91,6 +93,7 @@ class Plan:
     stats: Optional[DataStats] = None
     tokens_per_step: int = 0
     steps_per_epoch: Optional[int] = None
+    max_steps: int = -1
     seconds_per_epoch: Optional[float] = None
     notes: list[str] = field(default_factory=list)
 
@@ -137,6 +140,8 @@ class Plan:
         lines.append(f"  tokens per optimizer step: <= {self.tokens_per_step:,}")
         if self.steps_per_epoch is not None:
             lines.append(f"  steps per epoch: {self.steps_per_epoch:,}")
+        if self.max_steps > 0:
+            lines.append(f"  trainer.max_steps={self.max_steps} ends the run first when smaller")
         if self.seconds_per_epoch is not None:
             lines.append(f"  wall time per epoch: {self.seconds_per_epoch / 3600:.1f} h")
         lines += [f"  note: {n}" for n in self.notes]
@@ -238,13 +243,16 @@ def apply_zero(plan: Plan, cfg: TrainJobConfig, layer_bytes: int) -> None:
 
 
 def activation_bytes(config, dtype: torch.dtype, tokens: int, image_tokens: int, peft_trains_projector: bool,
-                     checkpointing: bool) -> int:
+                     checkpointing: bool, lora_r: int = 0, adapter_dtype: Optional[torch.dtype] = None) -> int:
     t = config.text_config
     h, i, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
     head_dim = getattr(t, "head_dim", None) or h // t.num_attention_heads
     hkv = t.num_key_value_heads * head_dim
     b = torch.empty((), dtype=dtype).element_size()
     per_token_layer = b * (5 * h + 2 * hkv + 4 * i) + (8 * h if b < 4 else 0)
+    if lora_r:  # LoRA on the 7 linears: lora_A's outputs; inputs cast to the adapters' dtype are copies
+        a = torch.empty((), dtype=adapter_dtype or dtype).element_size()
+        per_token_layer += 7 * lora_r * a + (a * (6 * h + i) if a != b else 0)
     if checkpointing:
         lm = layers * tokens * b * h + tokens * per_token_layer
     else:
@@ -256,6 +264,11 @@ def activation_bytes(config, dtype: torch.dtype, tokens: int, image_tokens: int,
         crops = max(ph * pw for ph, pw in config.image_grid_pinpoints) // (v.image_size ** 2) + 1
         projector = crops * patch_tokens * b * (v.hidden_size + 2 * h)
     return lm + projector
+
+
+def adapter_dtype(model) -> Optional[torch.dtype]:
+    """The LoRA weights' dtype (fp32 beside a 16-bit base, except under ZeRO-3: see `apply_peft`)."""
+    return next((p.dtype for n, p in model.named_parameters() if "lora_A" in n), None)
 
 
 def assumed_stats(cfg: TrainJobConfig, image_tokens: int) -> DataStats:
@@ -305,8 +318,9 @@ def build(cfg: TrainJobConfig, stats: Optional[DataStats] = None, *, assumed_har
     plan.stats = stats = stats or (scanned_stats(cfg) if cfg.plan.scan_data else assumed_stats(cfg, image_tokens))
     dtype = DTYPES[cfg.model.dtype]
     args = (config, dtype, stats.max_tokens, image_tokens, cfg.peft.train_projector)
-    plan.activations_sample_ckpt = activation_bytes(*args, checkpointing=True)
-    plan.activations_sample_no_ckpt = activation_bytes(*args, checkpointing=False)
+    lora = {"lora_r": cfg.peft.r, "adapter_dtype": adapter_dtype(model)} if cfg.peft.method != "full" else {}
+    plan.activations_sample_ckpt = activation_bytes(*args, checkpointing=True, **lora)
+    plan.activations_sample_no_ckpt = activation_bytes(*args, checkpointing=False, **lora)
     plan.activations_sample = (plan.activations_sample_ckpt if cfg.trainer.gradient_checkpointing
                                else plan.activations_sample_no_ckpt)
     b = torch.empty((), dtype=dtype).element_size()
@@ -316,6 +330,7 @@ def build(cfg: TrainJobConfig, stats: Optional[DataStats] = None, *, assumed_har
     if d.max_tokens_per_batch:  # a token budget: as many samples as fit
         per_device = max(1, d.max_tokens_per_batch // max(stats.max_tokens, 1))
     plan.samples_per_device_step = per_device
+    plan.max_steps = t.max_steps
     samples_per_step = plan.world_size * per_device * t.gradient_accumulation_steps
     plan.tokens_per_step = samples_per_step * (d.max_length if d.packing else stats.max_tokens)
     if stats.num_samples:

@@ -53,7 +53,8 @@ def test_the_demo_stays_without_model_or_data(overrides):
 
 def test_naming_a_real_model_drops_the_demo():
     """The issue's command: `--cfg job` showed max_length 512, the demo eval set, batch 8, no checkpointing."""
-    cfg = job("train", ["model=llava-v1.6-mistral-7b", "data.train_path=/data/mix.json", "data.image_root=/data/images"])
+    cfg = job("train", ["model=llava-v1.6-mistral-7b", "data.train_path=/data/mix.json",
+                        "data.image_root=/data/images"])
     demo_free(cfg)
     assert cfg.model.path == "llava-hf/llava-v1.6-mistral-7b-hf" and cfg.model.modules_to_save == []
     assert cfg.data.train_path == "/data/mix.json" and cfg.data.max_length == 4096

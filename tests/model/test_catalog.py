@@ -62,3 +62,14 @@ def test_tabled_configs_build_meta_models_of_the_known_size(name, monkeypatch):
 
 def test_geometry_from_config_equals_the_processors(tiny_dir, processor):
     assert geometry(checkpoint_config(str(tiny_dir))) == ImageGeometry.from_processor(processor)
+
+
+def test_attn_auto_is_decided_at_load_and_printed(capsys):
+    from transformers.utils import is_flash_attn_2_available
+
+    from llava_train.model.load import attn_implementation
+
+    expected = "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
+    assert attn_implementation("auto") == expected
+    assert f"model.attn_implementation=auto -> {expected}" in capsys.readouterr().out
+    assert attn_implementation("eager") == "eager"
