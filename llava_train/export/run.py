@@ -22,7 +22,6 @@ from llava_train.model.inference import FINAL, load_processor_for, resolve
 CONFIG_FILES = ("config.yaml", ".hydra/config.yaml")  # resolved by `llava train`, else Hydra's copy
 RUN_MARKERS = ("run.json", "config.yaml", "log.jsonl")  # a training output folder
 MODEL_FILES = ("adapter_config.json", "config.json")  # a model folder (e.g. a checkpoint-N)
-EXPORT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _training_outputs(source: Path) -> tuple[str, TrainJobConfig, dict[str, Any]]:
@@ -36,15 +35,12 @@ def _training_outputs(source: Path) -> tuple[str, TrainJobConfig, dict[str, Any]
 
 
 def check_export(cfg: ExportConfig, out: Path) -> None:
-    """Refuse, before anything loads: an unknown dtype, a source that does not exist or is a training output
-    that never finished (no final/), and a destination that overlaps a folder read (its model folder, a local
-    base), since writing there would destroy what is being exported."""
+    """Refuse, before anything loads: a source that does not exist or is a training output that never finished
+    (no final/), and a destination that overlaps a folder read (its model folder, a local base), since writing
+    there would destroy what is being exported. (export.dtype is a closed choice: checked at composition.)"""
     from llava_train.train.validate import ConfigError, model_path_problems
 
     problems = []
-    if cfg.dtype not in EXPORT_DTYPES:
-        problems.append(f"export.dtype={cfg.dtype!r}: use one of {list(EXPORT_DTYPES)} "
-                        "(auto: the training model.dtype)")
     source = Path(cfg.source)
     missing = model_path_problems(cfg.source, "export.source")  # a hub id is left to the hub
     if missing:

@@ -3,11 +3,12 @@ refused up front (before anything loads), each with its own message."""
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import DEMO
 from llava_train.cli import CONFIG_DIR
-from llava_train.config.schema import ExportConfig
+from llava_train.config.jobs import ExportConfig
 from llava_train.export.run import check_export
 from llava_train.train.validate import ConfigError, check_train, looks_local
 
@@ -45,14 +46,17 @@ def test_good_values_pass():
 
 
 def test_export_refuses_unknown_dtype_and_unfinished_run(tmp_path):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # a closed choice: refused at compose
+        with pytest.raises(ConfigCompositionException) as e:
+            compose("export", overrides=["export.source=x", "export.dtype=fp8"])
+    assert "fp8" in str(e.value.__cause__ or e.value) and "bf16" in str(e.value.__cause__ or e.value)
     run = tmp_path / "run"  # a training output whose run was interrupted: config, log, checkpoints, no final/
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "config.yaml").write_text("model: {path: tiny}\n")
     (run / "run.json").write_text("{}")
     with pytest.raises(ConfigError) as e:
-        check_export(ExportConfig(source=str(run), dtype="fp8"), tmp_path / "out")
+        check_export(ExportConfig(source=str(run)), tmp_path / "out")
     text = str(e.value)
-    assert "export.dtype='fp8': use one of ['auto', 'fp32', 'bf16', 'fp16']" in text
     assert "is a training output without final/" in text and "trainer.resume=auto" in text
     assert f"export.source={run / 'checkpoint-N'}" in text
     with pytest.raises(ConfigError, match="no such folder"):
