@@ -1,9 +1,10 @@
 """Conversations to exact training examples.
 
 `Encoder.encode` turns a validated `Conversation` into input ids and labels:
-- the prompt family renders pieces; the whole text is tokenised once, and for every reply the token
-  ids of the text before it (the generation prompt) and up to its end-of-turn must be prefixes of the
-  whole: that proves the training form equals the inference form, and marks exactly the reply tokens;
+- the prompt family renders pieces and tokenises them (`data.templates.TemplateTokenizer`: replies
+  apart from the header, message text spelling special tokens as plain text by default); for every
+  reply the tokens before it must equal the generation prompt tokenised as a whole string (what
+  `processor.apply_chat_template` gives at inference): the training form equals the inference form;
 - labels are IGNORE_INDEX everywhere except replies and their end-of-turn token;
 - each `<image>` is expanded to the image's feature count (from its header size);
 - truncation to `max_length` drops whole trailing turns, never part of an image or a reply.
@@ -24,10 +25,10 @@ import torch
 
 from llava_train.config import DataConfig
 from llava_train.constants import IGNORE_INDEX, IMAGE_SIZES, IMAGE_TOKEN, INPUT_IDS, LABELS, PIXEL_VALUES
-from llava_train.data.formats import Conversation, DataError, to_conversation
+from llava_train.data.formats import Conversation, DataError, place_images, to_conversation
 from llava_train.data.images import ImageGeometry, image_size, load_rgb, num_image_tokens, resolve_ref
 from llava_train.data.sources import Source, apply_weight, check_path, default_image_root, iter_rows
-from llava_train.data.templates import SPECIAL_TOKENS, PromptFamily
+from llava_train.data.templates import PromptFamily, SpecialTokensInText, TemplateTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,15 @@ class Encoded:
     labels: list[int]
     num_images: int  # images kept after truncation (a prefix of the sample's images)
     image_tokens: list[int] = field(default_factory=list)  # per kept image
+    special_text: list[str] = field(default_factory=list)  # special-token strings the message text spells
 
 
 class Encoder:
     """Tokenises conversations for one tokenizer, prompt family and image geometry."""
 
     def __init__(self, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry], *,
-                 max_length: int, overflow: str = "drop_turns", last_turn_only: bool = False):
+                 max_length: int, overflow: str = "drop_turns", last_turn_only: bool = False,
+                 special_tokens_in_text: str = SpecialTokensInText.text, image_placement: str = "front"):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"data.overflow={overflow!r}: use one of {OVERFLOW_POLICIES}")
         self.tok = tokenizer
@@ -87,45 +90,50 @@ class Encoder:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         # The family's special tokens must be single tokens of this tokenizer (else the template
         # silently splits them into pieces, e.g. `<|im_start|>` into 7): a wrong model.family fails here.
-        for token in dict.fromkeys((family.bos, family.eot, *SPECIAL_TOKENS.get(family.name, ()))):
-            tid = tokenizer.convert_tokens_to_ids(token) if token else None
-            if token and (tid is None or tid == tokenizer.unk_token_id):
+        for token in family.control_tokens:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is None or tid == tokenizer.unk_token_id:
                 raise ValueError(f"the tokenizer has no {token!r} token, which the {family.name!r} prompt family "
                                  "uses; is model.family right for this checkpoint?")
         # The family's BOS as a token (the prompt text never contains it).
         self.bos_ids: list[int] = [tokenizer.convert_tokens_to_ids(family.bos)] if family.bos else []
+        self.template = TemplateTokenizer(tokenizer, family, special_tokens_in_text)
+        self.image_placement = image_placement  # applied where rows become conversations (`prepare`)
 
     @classmethod
     def from_config(cls, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry],
                     cfg: DataConfig) -> "Encoder":
         return cls(tokenizer, family, geometry, max_length=cfg.max_length, overflow=cfg.overflow,
-                   last_turn_only=cfg.train_last_turn_only)
-
-    def _ids(self, text: str) -> list[int]:
-        return self.bos_ids + self.tok(text, add_special_tokens=False)["input_ids"]
+                   last_turn_only=cfg.train_last_turn_only, special_tokens_in_text=cfg.special_tokens_in_text,
+                   image_placement=cfg.image_placement)
 
     def encode(self, conv: Conversation, sizes: list[tuple[int, int]]) -> Encoded:
         pieces = self.family.pieces(conv.turns)
-        text = "".join(p.text for p in pieces)
-        ids = self._ids(text)
+        body, reply_spans = self.template.encode(pieces)
+        ids = self.bos_ids + body
+        n = len(self.bos_ids)
+        spans = [(s + n, e + n) for s, e in reply_spans]  # token span of each reply: separator, reply, end-of-turn
         labels = [IGNORE_INDEX] * len(ids)
-        spans: list[tuple[int, int]] = []  # token span of each reply: separator, reply, end-of-turn
-        pos = 0
-        for piece in pieces:
-            start, end = pos, pos + len(piece.text)
-            pos = end
-            if not piece.trained:
-                continue
-            before, upto = self._ids(text[:start]), self._ids(text[:end])
-            if ids[: len(before)] != before or ids[: len(upto)] != upto:
+        special = self.template.special_text(pieces)
+        # Inference tokenises the generation prompt as one string (parsing special tokens): the tokens
+        # before each reply must be exactly that. Not comparable when the data spells special tokens
+        # (kept as text on purpose) or after a reply with surrounding whitespace (an HF chat template
+        # re-renders history as text, which may merge it with the scaffolding; training keeps the
+        # original per-message tokenisation, see data.templates).
+        checked = not (special and self.template.split)
+        replies = [k for k, piece in enumerate(pieces) if piece.trained]
+        for r, (k, (s, e)) in enumerate(zip(replies, spans)):
+            piece = pieces[k]
+            if checked and self._whole(pieces, k) != ids[:s]:
                 raise conv.error(
-                    f"the {self.family.name!r} template does not tokenise stably around reply {len(spans)} "
-                    "(the training prompt would differ from the inference prompt); check the text for "
-                    "stray special tokens", kind="template_mismatch")
-            if len(upto) <= len(before):
-                raise conv.error(f"reply {len(spans)} produced no tokens", kind="empty_reply")
-            labels[len(before): len(upto)] = ids[len(before): len(upto)]
-            spans.append((len(before), len(upto)))
+                    f"the {self.family.name!r} prompt before reply {r} does not tokenise as the training tokens "
+                    "(the inference prompt would differ from training); check the text around that turn",
+                    kind="template_mismatch")
+            if e <= s:
+                raise conv.error(f"reply {r} produced no tokens", kind="empty_reply")
+            labels[s:e] = ids[s:e]
+            if piece.content != piece.content.strip():
+                checked = False
 
         out_ids, out_labels, new_pos, images_before, counts = self._expand(conv, ids, labels, sizes)
         kept_replies, kept_images, length = len(spans), len(sizes), len(out_ids)
@@ -148,7 +156,7 @@ class Encoder:
         if self.last_turn_only:  # train only the last (kept) reply
             last = new_pos[spans[kept_replies - 1][0]]
             out_labels = [IGNORE_INDEX] * last + out_labels[last:]
-        return Encoded(out_ids, out_labels, kept_images, counts[:kept_images])
+        return Encoded(out_ids, out_labels, kept_images, counts[:kept_images], special)
 
     def _expand(self, conv: Conversation, ids: list[int], labels: list[int], sizes: list[tuple[int, int]]):
         """Expand each `<image>` id to its feature count; also map old positions to new ones."""
@@ -176,9 +184,15 @@ class Encoder:
         images_before.append(img)
         return out_ids, out_labels, new_pos, images_before, counts
 
+    def _whole(self, pieces, k: int) -> list[int]:
+        """The text of `pieces[:k]` tokenised as one string, as inference does."""
+        text = "".join(p.text for p in pieces[:k])
+        return self.bos_ids + self.tok(text, add_special_tokens=False)["input_ids"]
+
     def encode_prompt(self, conv: Conversation, turns, sizes: list[tuple[int, int]]) -> list[int]:
         """Generation-prompt ids for `turns` (ending with a user turn), images expanded."""
-        ids = self._ids(self.family.generation_prompt(turns))
+        self.family.generation_prompt(turns)  # checks the turns end with a user turn
+        ids = self.bos_ids + self.template.encode(self.family.pieces(turns, add_generation_prompt=True))[0]
         return self._expand(conv, ids, [IGNORE_INDEX] * len(ids), sizes)[0]
 
 
@@ -231,7 +245,7 @@ def prepare(row: Any, *, index: int, source: str, fmt: str, image_root: Path,
     only) and its encoding. Raises `DataError` naming the sample for anything wrong with it."""
     if isinstance(row, DataError):
         raise row
-    conv = to_conversation(row, fmt=fmt, source=source, index=index)
+    conv = place_images(to_conversation(row, fmt=fmt, source=source, index=index), encoder.image_placement)
     validate_conversation(conv)
     conv.images = [resolve_ref(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
     sizes = [image_size(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]

@@ -29,7 +29,7 @@ import torch
 from llava_train.config import DataConfig
 from llava_train.constants import IMAGE_SIZES, IMAGE_TOKEN, INPUT_IDS, LABELS, PIXEL_VALUES
 from llava_train.data.dataset import Encoder, SkipReport, validate_conversation
-from llava_train.data.formats import DataError, to_conversation
+from llava_train.data.formats import DataError, place_images, to_conversation
 from llava_train.data.images import ImageGeometry, image_size, load_rgb, num_image_tokens
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ class LazyConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Optional[dict[str, Any]]:
         try:
             conv = to_conversation(self.index.read(self._f(), i), fmt=self.fmt, source=str(self.path), index=i)
+            conv = place_images(conv, self.encoder.image_placement)
             validate_conversation(conv)
             sizes = [image_size(ref, self.image_root, conv, k) for k, ref in enumerate(conv.images)]
             enc = self.encoder.encode(conv, sizes)
