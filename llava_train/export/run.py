@@ -35,7 +35,7 @@ def run(cfg: ExportConfig, output_dir: str) -> dict[str, Any]:
     config_text, train_cfg, metrics = _training_outputs(Path(cfg.source))
     out = Path(output_dir or Path(cfg.source) / "export")
     dtype = cfg.dtype if cfg.dtype != "auto" else train_cfg.get("model", {}).get("dtype", "fp32")
-    processor = load_processor_for(resolved)
+    processor = load_processor_for(resolved, train_cfg.get("model", {}).get("family"))
     model_path = train_cfg.get("model", {}).get("path", "")
     card_base = cfg.card_base_model or (model_path if model_path and model_path != "tiny" else resolved.base)
     datasets = list(cfg.datasets)

@@ -22,7 +22,7 @@ from llava_train.data.sampler import batching
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
-from llava_train.model.load import load_model, load_processor, resolve_checkpoint
+from llava_train.model.load import load_model, load_processor, resolve_checkpoint, set_generation_stop
 from llava_train.model.quantize import quantization_config
 from llava_train.train.callbacks import attach_callbacks
 from llava_train.train.distributed import (
@@ -54,12 +54,13 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     with main_process_first():
         checkpoint = resolve_checkpoint(cfg.model)
     print(f"base checkpoint: {checkpoint}", flush=True)
-    processor = load_processor(checkpoint)
+    processor = load_processor(checkpoint, cfg.model.family)  # the family's training chat template, saved everywhere
     train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
 
     args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
                         zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
+    set_generation_stop(model.generation_config, processor.tokenizer, get_family(cfg.model.family))
     preemption = Preemption(cfg.trainer.preemption_signals)
     trainer, losses = build_trainer(cfg, model, train_ds, processor, out, args=args,
                                     callbacks=[CheckpointSealer(), preemption, *callbacks])
@@ -179,6 +180,7 @@ def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, ar
         optim_cfg=cfg.optim,
         train_batch_sampler=sampler,
         prefetch_factor=cfg.data.prefetch_factor,
+        processing_class=processor,  # saved into every checkpoint-N/ and final/ with the training template
     )
     return trainer, recorder.losses
 
