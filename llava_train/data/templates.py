@@ -296,11 +296,11 @@ class TemplateTokenizer:
         backend = getattr(tokenizer, "_tokenizer", None)
         self._first = self._rest = None
         if backend is not None:
-            self._first = copy.deepcopy(backend)
-            self._first.encode_special_tokens = self.split
-            self._first.no_truncation()
-            self._first.no_padding()
-            self._rest = copy.deepcopy(self._first)
+            self._first, self._rest = copy.deepcopy(backend), copy.deepcopy(backend)
+            for b in (self._first, self._rest):  # (a copy does not keep encode_special_tokens)
+                b.encode_special_tokens = self.split
+                b.no_truncation()
+                b.no_padding()
             pre = self._rest.pre_tokenizer
             if type(pre).__name__ == "Metaspace" and str(getattr(pre, "prepend_scheme", "")) == "first":
                 pre.prepend_scheme = "never"

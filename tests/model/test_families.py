@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import DEMO
+from conftest import DEMO, tiny_family_dir
 from llava_train.config import TinyModelConfig
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.dataset import Encoder
@@ -32,21 +32,6 @@ PROBES = ["Hello world", "  leading spaces and trailing  ", "\n\nnewlines\n\n\nm
           "Ünïcödé café naïve 日本語のテキスト 中文字符", "emoji 😀🚀 and tabs\tx", "code: def f(x):\n    return x**2  # ok",
           "I'm sure they'll've done it", "What is shown in this image?\nA red circle.", "x" * 300 + " end"]
 EOT = {"mistral": "</s>", "vicuna": "</s>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>", "qwen": "<|im_end|>"}
-
-
-_DIRS: dict[str, Path] = {}
-
-
-def tiny_family_dir(family: str) -> Path:
-    """The tiny checkpoint of `family` (built once per test session into the test cache)."""
-    from llava_train.model.tiny import ensure_tiny_checkpoint
-
-    if family not in _DIRS:
-        try:
-            _DIRS[family] = ensure_tiny_checkpoint(TinyModelConfig(), family=family)
-        except FileNotFoundError as err:
-            pytest.skip(f"{family}: real tokenizer not available here: {err}")
-    return _DIRS[family]
 
 
 def _reference_encode(family: str):
@@ -182,7 +167,8 @@ def _run_family(family: str, runs: dict, tmp_path_factory):
     out = root / "run"
     overrides = ["model=tiny", f"model.family={family}", "peft=lora", f"output_dir={out}", f"data.train_path={data}",
                  f"data.image_root={DEMO}", "trainer.max_steps=2", "trainer.per_device_train_batch_size=2",
-                 "trainer.logging_steps=1", "trainer.save_steps=2", "trainer.disable_tqdm=true"]
+                 "trainer.logging_steps=1", "trainer.save_steps=2", "trainer.disable_tqdm=true",
+                 "data.eval_path=null", "eval.enabled=false"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="train", overrides=overrides))
     with contextlib.redirect_stdout(io.StringIO()):
