@@ -5,7 +5,8 @@ tokenisation, image-token expansion, truncation) without decoding pixels, in par
 processes. The report: counts of each error kind with the first sample ids; histograms of sample
 lengths and image tokens per image (text, and a PNG); images per sample; share of text-only samples;
 how many samples exceed `data.max_length` (and whether they are truncated or dropped); trained tokens
-per epoch; samples whose text spells special tokens (`</s>`, `<|im_end|>`...: count, strings, first ids). `llava doctor` exits non-zero when any sample has an error.
+per epoch; samples whose text spells special tokens (`</s>`, `<|im_end|>`...: count, strings, first
+ids). `llava doctor` exits non-zero when any sample has an error.
 """
 
 from __future__ import annotations

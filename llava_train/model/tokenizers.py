@@ -1,13 +1,15 @@
 """Real tokenizers of each prompt family that can be had offline, as HF fast tokenizers (for the tiny model
 of that family and the tests; a real checkpoint brings its own).
 
-| family | source | what |
-|---|---|---|
-| mistral | `mistral-common` (`data/tokenizer.model.v1`) | Mistral-7B sentencepiece, 32000 ids |
-| vicuna | a Llama-2 `tokenizer.model` (`$LLAVA_TRAIN_LLAMA2_TOKENIZER`, else `../shared/tokenizers/llama2/` beside the repository) | Llama-2 sentencepiece, 32000 ids (Vicuna v1.5's vocabulary) |
-| llama3 | `llama-models` (`llama_models/llama3/tokenizer.model`) | Meta's Llama-3 tiktoken BPE, 128000 ids + 256 special |
-| qwen | `dashscope` (`dashscope/resources/qwen.tiktoken`) | Qwen byte-level BPE, 151643 ids + Qwen2's `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` |
-| chatml | *stand-in*: the Mistral tokenizer plus `<|im_start|>`/`<|im_end|>` | Yi-34B's tokenizer is not available offline |
+- mistral: `mistral-common`'s `data/tokenizer.model.v1` (Mistral-7B sentencepiece, 32000 ids);
+- vicuna: a Llama-2 `tokenizer.model` ($LLAVA_TRAIN_LLAMA2_TOKENIZER, else `../shared/tokenizers/llama2/`
+  beside the repository): Llama-2 sentencepiece, 32000 ids, Vicuna v1.5's vocabulary;
+- llama3: `llama-models`' `llama_models/llama3/tokenizer.model`: Meta's Llama-3 tiktoken BPE, 128000 ids +
+  256 special tokens;
+- qwen: `dashscope`'s `dashscope/resources/qwen.tiktoken`: the Qwen byte-level BPE, 151643 ids, + Qwen2's
+  `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`;
+- chatml: a *stand-in*, the Mistral tokenizer plus `<|im_start|>`/`<|im_end|>` and no BOS (Yi-34B's tokenizer
+  is not available offline).
 
 The tiktoken files are converted with transformers' `TikTokenConverter` and the packages are never imported
 (only their files are read: `llama-models` and `dashscope` pull in servers and clients we do not need); the

@@ -15,13 +15,11 @@ from __future__ import annotations
 import ast
 import json
 import re
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from conftest import DEMO, tiny_family_dir
-from llava_train.config import TinyModelConfig
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.dataset import Encoder
 from llava_train.data.formats import Conversation, Turn
@@ -29,7 +27,8 @@ from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import FAMILIES, get_family
 
 PROBES = ["Hello world", "  leading spaces and trailing  ", "\n\nnewlines\n\n\nmany", "numbers 1234567 3.14159",
-          "Ünïcödé café naïve 日本語のテキスト 中文字符", "emoji 😀🚀 and tabs\tx", "code: def f(x):\n    return x**2  # ok",
+          "Ünïcödé café naïve 日本語のテキスト 中文字符", "emoji 😀🚀 and tabs\tx",
+          "code: def f(x):\n    return x**2  # ok",
           "I'm sure they'll've done it", "What is shown in this image?\nA red circle.", "x" * 300 + " end"]
 EOT = {"mistral": "</s>", "vicuna": "</s>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>", "qwen": "<|im_end|>"}
 
@@ -168,7 +167,7 @@ def _run_family(family: str, runs: dict, tmp_path_factory):
     overrides = ["model=tiny", f"model.family={family}", "peft=lora", f"output_dir={out}", f"data.train_path={data}",
                  f"data.image_root={DEMO}", "trainer.max_steps=2", "trainer.per_device_train_batch_size=2",
                  "trainer.logging_steps=1", "trainer.save_steps=2", "trainer.disable_tqdm=true",
-                 "data.eval_path=null", "eval.enabled=false"]
+                 "data.eval_path=null", "eval.enabled=false", "model.modules_to_save=[]"]  # LoRA only: small saves
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="train", overrides=overrides))
     with contextlib.redirect_stdout(io.StringIO()):
