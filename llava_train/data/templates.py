@@ -277,9 +277,18 @@ class TemplateTokenizer:
     start of a string, which is what whole-string tokenisation does)."""
 
     def __init__(self, tokenizer, family: PromptFamily, special_tokens_in_text: str = SpecialTokensInText.text):
-        mode = SpecialTokensInText(special_tokens_in_text)
+        self._setup(tokenizer, family, SpecialTokensInText(special_tokens_in_text))
+
+    def __getstate__(self):  # DataLoader / doctor workers: `encode_special_tokens` does not survive a pickle
+        return {"tok": self.tok, "family": self.family, "mode": self.mode}
+
+    def __setstate__(self, state):
+        self._setup(state["tok"], state["family"], state["mode"])
+
+    def _setup(self, tokenizer, family: PromptFamily, mode: SpecialTokensInText):
         self.tok = tokenizer
         self.family = family
+        self.mode = mode
         self.split = mode == SpecialTokensInText.text
         controls = [*family.control_tokens, IMAGE_TOKEN]
         self.control_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in controls}

@@ -4,6 +4,7 @@ message text that spells special tokens, `data.image_placement`, and `llava doct
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 
@@ -63,6 +64,7 @@ def test_special_token_text_is_plain_text_by_default(family):
     eot = tok.convert_tokens_to_ids(fam.eot)
     enc = text_enc.encode(conv, [])
     assert enc.special_text and fam.eot in enc.special_text
+    assert pickle.loads(pickle.dumps(text_enc)).encode(conv, []) == enc  # the same in DataLoader workers
     # the reply trains one end-of-turn only, at its end; the user's text holds none either
     assert _trained(enc).count(eot) == 1 and _trained(enc)[-1] == eot
     template_eots = text_enc.encode(_conv(("user", "Say x"), ("assistant", "AxB")), []).input_ids.count(eot)
