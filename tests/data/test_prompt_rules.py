@@ -49,6 +49,10 @@ def test_whitespace_replies_train_by_the_rule(family, reply):
     assert trained[: len(expected)] == expected
     prompt = enc_.encode_prompt(conv, conv.turns[:1], [])
     assert enc.input_ids[: len(prompt)] == prompt and enc.labels[len(prompt)] != IGNORE_INDEX
+    # the saved chat template renders the same text (llama3: trimmed there too)
+    msgs = [{"role": t.role, "content": t.text} for t in [Turn("system", " Be brief. \n"), *conv.turns]]
+    assert tok.apply_chat_template(msgs, chat_template=fam.chat_template, tokenize=False) == "".join(
+        p.text for p in fam.pieces([Turn(m["role"], m["content"]) for m in msgs]))
     if family == "llama3":  # trimmed: nothing but the words and <|eot_id|>
         assert tok.decode(expected) == reply.strip() + "<|eot_id|>"
     if family == "qwen" and reply.startswith("\n"):  # "\n" of the header and of the reply stay apart
