@@ -3,6 +3,7 @@ message text that spells special tokens, `data.image_placement`, and `llava doct
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 
@@ -15,14 +16,12 @@ from llava_train.data.formats import Conversation, Turn, place_images, to_conver
 from llava_train.data.templates import FAMILIES, get_family
 
 
-def _tok(family):
+@functools.cache
+def _encoder(family, special_tokens_in_text="text"):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tiny_family_dir(family)))
-
-
-def _encoder(family, **kw):
-    return Encoder(_tok(family), get_family(family), None, max_length=10**6, **kw)
+    tok = AutoTokenizer.from_pretrained(str(tiny_family_dir(family)))
+    return Encoder(tok, get_family(family), None, max_length=10**6, special_tokens_in_text=special_tokens_in_text)
 
 
 def _trained(enc):
