@@ -30,6 +30,24 @@ def tiny_dir(_cache) -> Path:
     return ensure_tiny_checkpoint(TinyModelConfig())
 
 
+_FAMILY_DIRS: dict[str, Path] = {}
+
+
+def tiny_family_dir(family: str) -> Path:
+    """The tiny checkpoint of a prompt family with its real tokenizer (chatml: a stand-in), built once per
+    session; skips the test when that tokenizer is not available here (vicuna's Llama-2 file is read from
+    `../shared/tokenizers/llama2/` beside the repository, or $LLAVA_TRAIN_LLAMA2_TOKENIZER)."""
+    from llava_train.config import TinyModelConfig
+    from llava_train.model.tiny import ensure_tiny_checkpoint
+
+    if family not in _FAMILY_DIRS:
+        try:
+            _FAMILY_DIRS[family] = ensure_tiny_checkpoint(TinyModelConfig(), family=family)
+        except FileNotFoundError as err:
+            pytest.skip(f"{family}: its real tokenizer is not available here: {err}")
+    return _FAMILY_DIRS[family]
+
+
 @pytest.fixture(scope="session")
 def processor(tiny_dir):
     from llava_train.model.load import load_processor

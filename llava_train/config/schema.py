@@ -9,6 +9,7 @@ Functions receive their slice (``DataConfig``, ``ModelConfig``...), never the wh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 from omegaconf import MISSING
@@ -90,6 +91,20 @@ class DataSourceConfig:
     name: Optional[str] = None  # hub dataset configuration name
 
 
+class SpecialTokensInText(str, Enum):
+    """How message text that spells a special token (`</s>`, `<|im_end|>`...) is tokenised."""
+
+    text = "text"  # as plain text (the tokenizer's split_special_tokens): data cannot inject control tokens
+    parse = "parse"  # as the control token it spells (the tokenizer's default; the old behaviour)
+
+
+class ImagePlacement(str, Enum):
+    """Where a turn's single `<image>` goes."""
+
+    front = "front"  # moved to the front of its turn, `<image>\n` + text (LLaVA's preprocess_multimodal)
+    as_written = "as_written"  # left where the data puts it
+
+
 @dataclass
 class DataConfig:
     """Training and evaluation data."""
@@ -114,6 +129,12 @@ class DataConfig:
     format: DataFormat = DataFormat.auto
     # Train only the last assistant reply of each sample (earlier replies become context, label -100).
     train_last_turn_only: bool = False
+    # Message text spelling a special token: text (plain text, so data cannot end a sequence or forge a
+    # turn boundary) | parse (the control token it spells). `llava doctor` counts such samples.
+    special_tokens_in_text: SpecialTokensInText = SpecialTokensInText.text
+    # A turn's single <image>: front (moved to the front of the turn, as LLaVA's preprocessing and every
+    # inference path do) | as_written. Turns with several images keep them where they are.
+    image_placement: ImagePlacement = ImagePlacement.front
     # Several training sources mixed with weights; when set, they replace train_path.
     sources: list[DataSourceConfig] = field(default_factory=list)
     # Seed of the subsampling that fractional source weights do.

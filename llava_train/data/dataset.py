@@ -1,11 +1,13 @@
 """Conversations to exact training examples.
 
 `Encoder.encode` turns a validated `Conversation` into input ids and labels:
-- the prompt family renders pieces; the whole text is tokenised once, and for every reply the token
-  ids of the text before it (the generation prompt) and up to its end-of-turn must be prefixes of the
-  whole: that proves the training form equals the inference form, and marks exactly the reply tokens.
-  Each prefix is checked by re-tokenising only from the last added token before it (`Encoder._prefix`),
-  so encoding is linear in the number of turns;
+- the prompt family renders pieces and tokenises them (`data.templates.TemplateTokenizer`: replies
+  apart from the header, message text spelling special tokens as plain text by default); for every
+  reply the tokens before it must equal the generation prompt tokenised as a whole string (what
+  `processor.apply_chat_template` gives at inference): the training form equals the inference form.
+  That whole-string tokenisation is computed once for the whole text; each reply's prefix re-tokenises
+  only from the last added token before it (`Encoder._inference_prefix`), so encoding is linear in the
+  number of turns;
 - labels are IGNORE_INDEX everywhere except replies and their end-of-turn token;
 - each `<image>` is expanded to the image's feature count (from its header size);
 - truncation to `max_length` drops whole trailing turns, never part of an image or a reply.
@@ -27,10 +29,10 @@ import torch
 
 from llava_train.config import DataConfig
 from llava_train.constants import IGNORE_INDEX, IMAGE_SIZES, IMAGE_TOKEN, INPUT_IDS, LABELS, PIXEL_VALUES
-from llava_train.data.formats import Conversation, DataError, to_conversation
+from llava_train.data.formats import Conversation, DataError, place_images, to_conversation
 from llava_train.data.images import ImageGeometry, image_size, load_rgb, num_image_tokens, resolve_ref
 from llava_train.data.sources import Source, apply_weight, check_path, default_image_root, iter_rows
-from llava_train.data.templates import SPECIAL_TOKENS, PromptFamily
+from llava_train.data.templates import PromptFamily, SpecialTokensInText, TemplateTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +74,15 @@ class Encoded:
     labels: list[int]
     num_images: int  # images kept after truncation (a prefix of the sample's images)
     image_tokens: list[int] = field(default_factory=list)  # per kept image
+    special_text: list[str] = field(default_factory=list)  # special-token strings the message text spells
 
 
 class Encoder:
     """Tokenises conversations for one tokenizer, prompt family and image geometry."""
 
     def __init__(self, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry], *,
-                 max_length: int, overflow: str = "drop_turns", last_turn_only: bool = False):
+                 max_length: int, overflow: str = "drop_turns", last_turn_only: bool = False,
+                 special_tokens_in_text: str = SpecialTokensInText.text, image_placement: str = "front"):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"data.overflow={overflow!r}: use one of {OVERFLOW_POLICIES}")
         self.tok = tokenizer
@@ -90,25 +94,28 @@ class Encoder:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         # The family's special tokens must be single tokens of this tokenizer (else the template
         # silently splits them into pieces, e.g. `<|im_start|>` into 7): a wrong model.family fails here.
-        for token in dict.fromkeys((family.bos, family.eot, *SPECIAL_TOKENS.get(family.name, ()))):
-            tid = tokenizer.convert_tokens_to_ids(token) if token else None
-            if token and (tid is None or tid == tokenizer.unk_token_id):
+        for token in family.control_tokens:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is None or tid == tokenizer.unk_token_id:
                 raise ValueError(f"the tokenizer has no {token!r} token, which the {family.name!r} prompt family "
                                  "uses; is model.family right for this checkpoint?")
         # The family's BOS as a token (the prompt text never contains it).
         self.bos_ids: list[int] = [tokenizer.convert_tokens_to_ids(family.bos)] if family.bos else []
         # Added tokens that split the text exactly where they stand (no whitespace stripping around them):
-        # the anchors from which `_prefix` re-tokenises.
+        # the anchors from which `_inference_prefix` re-tokenises.
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self._anchor_ids = frozenset(i for i, t in added.items()
                                      if not (getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
                                              or getattr(t, "single_word", False)))
+        self.template = TemplateTokenizer(tokenizer, family, special_tokens_in_text)
+        self.image_placement = image_placement  # applied where rows become conversations (`prepare`)
 
     @classmethod
     def from_config(cls, tokenizer, family: PromptFamily, geometry: Optional[ImageGeometry],
                     cfg: DataConfig) -> "Encoder":
         return cls(tokenizer, family, geometry, max_length=cfg.max_length, overflow=cfg.overflow,
-                   last_turn_only=cfg.train_last_turn_only)
+                   last_turn_only=cfg.train_last_turn_only, special_tokens_in_text=cfg.special_tokens_in_text,
+                   image_placement=cfg.image_placement)
 
     def _ids(self, text: str) -> list[int]:
         return self.bos_ids + self.tok(text, add_special_tokens=False)["input_ids"]
@@ -124,9 +131,9 @@ class Encoder:
         anchors += [(offsets[k][0], len(self.bos_ids) + k) for k, t in enumerate(body) if t in self._anchor_ids]
         return self.bos_ids + body, anchors
 
-    def _prefix(self, conv: Conversation, text: str, ids: list[int], anchors: list[tuple[int, int]],
-                chars: list[int], p: int, reply: int) -> int:
-        """How many of `ids` are the tokenisation of `text[:p]` (what inference tokenises), checked exactly.
+    def _inference_prefix(self, text: str, whole: list[int], anchors: list[tuple[int, int]], chars: list[int],
+                          p: int) -> list[int]:
+        """`text[:p]` tokenised as one string (as inference does), from `whole`, the whole text's ids.
 
         An added token (special tokens, `<image>`) is cut out of the text before the tokenizer's normaliser,
         pre-tokenizer and model see the rest, each piece between added tokens on its own: the ids of
@@ -135,33 +142,43 @@ class Encoder:
         one turn, not of the whole prefix (linear encoding in the number of turns)."""
         j = bisect.bisect_right(chars, p) - 1
         a, k = anchors[j]
-        window = self._ids(text[:p]) if j == 0 else self.tok(text[a:p], add_special_tokens=False)["input_ids"]
-        if ids[k: k + len(window)] != window:
-            raise conv.error(
-                f"the {self.family.name!r} template does not tokenise stably around reply {reply} "
-                "(the training prompt would differ from the inference prompt); check the text for "
-                "stray special tokens", kind="template_mismatch")
-        return k + len(window)
+        if j == 0:
+            return self._ids(text[:p])
+        return whole[:k] + self.tok(text[a:p], add_special_tokens=False)["input_ids"]
 
     def encode(self, conv: Conversation, sizes: list[tuple[int, int]]) -> Encoded:
         pieces = self.family.pieces(conv.turns)
-        text = "".join(p.text for p in pieces)
-        ids, anchors = self._tokenise(text)
-        chars = [a for a, _ in anchors]
+        body, reply_spans = self.template.encode(pieces)
+        ids = self.bos_ids + body
+        n = len(self.bos_ids)
+        spans = [(s + n, e + n) for s, e in reply_spans]  # token span of each reply: separator, reply, end-of-turn
         labels = [IGNORE_INDEX] * len(ids)
-        spans: list[tuple[int, int]] = []  # token span of each reply: separator, reply, end-of-turn
-        pos = 0
+        special = self.template.special_text(pieces)
+        # Inference tokenises the generation prompt as one string (parsing special tokens): the tokens
+        # before each reply must be exactly that. Not comparable when the data spells special tokens
+        # (kept as text on purpose) or after a reply with surrounding whitespace (an HF chat template
+        # re-renders history as text, which may merge it with the scaffolding; training keeps the
+        # original per-message tokenisation, see data.templates).
+        checked = not (special and self.template.split)
+        text = "".join(p.text for p in pieces) if checked else ""
+        whole, anchors = self._tokenise(text) if checked else ([], [(0, 0)])
+        chars = [a for a, _ in anchors]
+        starts = [0]
         for piece in pieces:
-            start, end = pos, pos + len(piece.text)
-            pos = end
-            if not piece.trained:
-                continue
-            before = self._prefix(conv, text, ids, anchors, chars, start, len(spans))
-            upto = self._prefix(conv, text, ids, anchors, chars, end, len(spans))
-            if upto <= before:
-                raise conv.error(f"reply {len(spans)} produced no tokens", kind="empty_reply")
-            labels[before:upto] = ids[before:upto]
-            spans.append((before, upto))
+            starts.append(starts[-1] + len(piece.text))
+        replies = [k for k, piece in enumerate(pieces) if piece.trained]
+        for r, (k, (s, e)) in enumerate(zip(replies, spans)):
+            piece = pieces[k]
+            if checked and self._inference_prefix(text, whole, anchors, chars, starts[k]) != ids[:s]:
+                raise conv.error(
+                    f"the {self.family.name!r} prompt before reply {r} does not tokenise as the training tokens "
+                    "(the inference prompt would differ from training); check the text around that turn",
+                    kind="template_mismatch")
+            if e <= s:
+                raise conv.error(f"reply {r} produced no tokens", kind="empty_reply")
+            labels[s:e] = ids[s:e]
+            if piece.content != piece.content.strip():
+                checked = False
 
         out_ids, out_labels, new_pos, images_before, counts = self._expand(conv, ids, labels, sizes)
         kept_replies, kept_images, length = len(spans), len(sizes), len(out_ids)
@@ -184,7 +201,7 @@ class Encoder:
         if self.last_turn_only:  # train only the last (kept) reply
             last = new_pos[spans[kept_replies - 1][0]]
             out_labels = [IGNORE_INDEX] * last + out_labels[last:]
-        return Encoded(out_ids, out_labels, kept_images, counts[:kept_images])
+        return Encoded(out_ids, out_labels, kept_images, counts[:kept_images], special)
 
     def _expand(self, conv: Conversation, ids: list[int], labels: list[int], sizes: list[tuple[int, int]]):
         """Expand each `<image>` id to its feature count; also map old positions to new ones."""
@@ -214,7 +231,8 @@ class Encoder:
 
     def encode_prompt(self, conv: Conversation, turns, sizes: list[tuple[int, int]]) -> list[int]:
         """Generation-prompt ids for `turns` (ending with a user turn), images expanded."""
-        ids = self._ids(self.family.generation_prompt(turns))
+        self.family.generation_prompt(turns)  # checks the turns end with a user turn
+        ids = self.bos_ids + self.template.encode(self.family.pieces(turns, add_generation_prompt=True))[0]
         return self._expand(conv, ids, [IGNORE_INDEX] * len(ids), sizes)[0]
 
 
@@ -327,7 +345,7 @@ def prepare(row: Any, *, index: int, source: str, fmt: str, image_root: Path,
     only) and its encoding. Raises `DataError` naming the sample for anything wrong with it."""
     if isinstance(row, DataError):
         raise row
-    conv = to_conversation(row, fmt=fmt, source=source, index=index)
+    conv = place_images(to_conversation(row, fmt=fmt, source=source, index=index), encoder.image_placement)
     validate_conversation(conv)
     conv.images = [resolve_ref(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
     sizes = [image_size(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]

@@ -220,3 +220,22 @@ def to_conversation(row: Any, *, fmt: str, source: str, index: int) -> Conversat
         raise DataError(f"unknown data.format {kind!r}: use auto, llava or messages", source=source, index=index)
     raise DataError("cannot tell the format: expected 'conversations' (LLaVA) or 'messages' (HF)",
                     source=source, index=index, kind="invalid")
+
+
+def place_images(conv: Conversation, placement: str = "front") -> Conversation:
+    """`data.image_placement`: with ``front``, a turn holding exactly one `<image>` is rewritten as
+    `<image>\\n` + its text without the placeholder, stripped: LLaVA's `preprocess_multimodal`
+    (`value.replace(IMAGE, "").strip()`, then `IMAGE + "\\n" + value`), which is also where every inference
+    path (chat templates, `llava chat`) puts an image. Turns with several images keep them where they are
+    (their order is their meaning); ``as_written`` changes nothing. Returns `conv`, its turns replaced."""
+    if str(getattr(placement, "value", placement)) == "as_written":
+        return conv
+    if str(getattr(placement, "value", placement)) != "front":
+        raise ValueError(f"data.image_placement={placement!r}: use front or as_written")
+    turns = []
+    for turn in conv.turns:
+        if turn.role == "user" and turn.text.count(IMAGE_TOKEN) == 1:
+            turn = Turn(turn.role, (IMAGE_TOKEN + "\n" + turn.text.replace(IMAGE_TOKEN, "").strip()).strip())
+        turns.append(turn)
+    conv.turns = turns
+    return conv

@@ -16,14 +16,35 @@ Sources of each format (single user turn, one image, default system prompt):
 BOS: mistral/vicuna start with `<s>` and llama3 with `<|begin_of_text|>` (their tokenizers add it);
 Yi (34b) and Qwen tokenizers add none. The BOS is not part of the prompt *text* (as in the docs strings);
 `data.dataset.Encoder` prepends it as a token.
+
+Tokenisation (`TemplateTokenizer`), one rule for every family:
+- the text is cut before and after every trained piece (reply = separator + reply + end-of-turn) and at
+  every control token (the family's own special tokens, `<image>`); each run of text between cuts is
+  tokenised alone, exactly as the tokenizer would tokenise it inside the whole string (no extra
+  sentencepiece prefix space). So a reply is tokenised apart from the header before it, as the originals
+  do: LLaVA-NeXT `preprocess_qwen` tokenises each message's content alone, Meta's Llama-3 template
+  renders (and LLaVA-NeXT `preprocess_llama3` tokenises) each message alone with its content *trimmed*,
+  mistral-common encodes each assistant message alone; LLaVA `conv_llava_v1` (vicuna) tokenises the
+  whole prompt, which cuts the same way because every reply starts with the separator space.
+  Whitespace: llama3 trims every message (Meta's `| trim`); the other families keep it, and a reply that
+  starts with a newline trains that newline as its own token(s) after the header (qwen: `assistant\n`
+  then `\n...`, never one merged `\n\n` token).
+- text *in the data* (message contents) that spells a special token (`</s>`, `<|im_end|>`, ...) is plain
+  text by default (`data.special_tokens_in_text=text`: tokenised with the tokenizer's
+  `split_special_tokens`), so a data row can neither end a sequence mid-reply nor forge a turn boundary;
+  `parse` gives such text its control id (the old behaviour). The template's own control tokens and the
+  `<image>` placeholders are always control tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Optional
 
+from llava_train.config.schema import SpecialTokensInText
 from llava_train.constants import IMAGE_TOKEN
 from llava_train.data.formats import Turn
 
@@ -41,6 +62,13 @@ LLAMA3_SYSTEM = (
 class Piece:
     text: str
     trained: bool
+    # (text, is_content) in order, "".join == text: content is message text from the data, the rest is
+    # the template's own scaffolding.
+    parts: tuple[tuple[str, bool], ...] = field(default=(), compare=False)
+
+    @property
+    def content(self) -> str:
+        return "".join(t for t, is_content in self.parts if is_content)
 
 
 @dataclass(frozen=True)
@@ -63,26 +91,40 @@ class PromptFamily:
     system_in_first_user: bool = False  # mistral/llama-2 style: system text goes inside the first [INST]
     after_reply: str = ""
     bos: str = ""
+    trim: bool = False  # strip whitespace around every message's text (Meta's Llama-3 template: `| trim`)
+    controls: tuple[str, ...] = ()  # special tokens the scaffolding uses (besides bos/eot)
+
+    @property
+    def control_tokens(self) -> tuple[str, ...]:
+        return tuple(t for t in dict.fromkeys((self.bos, self.eot, *self.controls)) if t)
+
+    def message_text(self, text: str) -> str:
+        """A message's text as the family renders it (llama3: trimmed)."""
+        return text.strip() if self.trim else text
 
     def pieces(self, turns: list[Turn], add_generation_prompt: bool = False) -> list[Piece]:
-        """Render `turns` (system?, then alternating user/assistant) into pieces."""
+        """Render `turns` (system?, then alternating user/assistant) into pieces.
+
+        An empty system message means "no system prompt", as in the originals
+        (LLaVA's `conv.system` empty writes nothing); no system message means the family's default."""
         system = self.default_system
         body = turns
         if turns and turns[0].role == "system":
-            system, body = turns[0].text, turns[1:]
+            system, body = self.message_text(turns[0].text), turns[1:]
         out: list[Piece] = []
         if system and not self.system_in_first_user:
-            out.append(Piece(self.system.format(system=system), False))
+            out.append(_piece(False, _fill(self.system, "system", system)))
         for i, turn in enumerate(body):
             if turn.role == "user":
-                text = turn.text
+                parts = [(self.message_text(turn.text), True)]
                 if i == 0 and system and self.system_in_first_user:
-                    text = self.system.format(system=system) + text
-                out.append(Piece(self.user.format(text=text), False))
+                    parts = _fill(self.system, "system", system) + parts
+                before, after = self.user.split("{text}")
+                out.append(_piece(False, [(before, False), *parts, (after, False)]))
             else:
-                out.append(Piece(self.reply.format(text=turn.text), True))
+                out.append(_piece(True, _fill(self.reply, "text", self.message_text(turn.text))))
                 if self.after_reply:
-                    out.append(Piece(self.after_reply, False))
+                    out.append(_piece(False, [(self.after_reply, False)]))
         if not add_generation_prompt and body and body[-1].role == "user":
             raise ValueError("a training conversation must end with an assistant reply")
         return out
@@ -98,8 +140,29 @@ class PromptFamily:
         """An equivalent Jinja chat template (saved with a processor so that plain transformers
         `apply_chat_template` produces the training prompt; replies are wrapped in `{% generation %}`
         for `return_assistant_tokens_mask`). A user turn always ends with the assistant header, as in
-        `pieces`, so `add_generation_prompt` makes no difference."""
-        return _jinja(self)
+        `pieces`, so `add_generation_prompt` makes no difference. It starts with a comment naming the
+        family (`family_of` reads it back from a saved processor)."""
+        return _MARK.format(name=self.name) + _jinja(self)
+
+
+_MARK = "{{#- llava-train prompt family: {name} -#}}"
+_MARK_RX = re.compile(r"^\{#- llava-train prompt family: (\w+) -#\}")
+
+
+def family_of(chat_template) -> Optional[str]:
+    """The prompt family a saved chat template was written for by this project (None: another template)."""
+    m = _MARK_RX.match(chat_template) if isinstance(chat_template, str) else None
+    return m.group(1) if m and m.group(1) in FAMILIES else None
+
+
+def _fill(fmt: str, key: str, value: str) -> list[tuple[str, bool]]:
+    before, after = fmt.split("{" + key + "}")
+    return [(before, False), (value, True), (after, False)]
+
+
+def _piece(trained: bool, parts: list[tuple[str, bool]]) -> Piece:
+    parts = [(t, c) for t, c in parts if t]
+    return Piece("".join(t for t, _ in parts), trained, tuple(parts))
 
 
 def _lit(text: str) -> str:
@@ -117,6 +180,8 @@ def _jinja(f: PromptFamily) -> str:
         "{% if c['type'] == 'image' %}" + _lit(IMAGE_TOKEN + "\n") + "{% elif c['type'] == 'text' %}"
         "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     )
+    if f.trim:  # render the content into a variable, then trim it (Meta's Llama-3 template)
+        content = "{% set c %}" + content + "{% endset %}{{ c | trim }}"
     sys_text = content.replace("m['content']", "messages[0]['content']")
     default = json.dumps(f.default_system or "")
     out = "{% set ns = namespace(sys=" + default + ", first=true) %}"
@@ -163,6 +228,7 @@ FAMILIES: dict[str, PromptFamily] = {
         user="<|im_start|>user\n{text}<|im_end|><|im_start|>assistant\n",
         reply="{text}<|im_end|>",
         eot="<|im_end|>",
+        controls=("<|im_start|>",),
     ),
     # llama3-llava-next-8b (Llama-3-Instruct headers)
     "llama3": PromptFamily(
@@ -174,6 +240,8 @@ FAMILIES: dict[str, PromptFamily] = {
         reply="{text}<|eot_id|>",
         eot="<|eot_id|>",
         bos="<|begin_of_text|>",
+        trim=True,
+        controls=("<|start_header_id|>", "<|end_header_id|>"),
     ),
     # llava-next-72b / 110b (Qwen-1.5 chatml, newline after every <|im_end|>)
     "qwen": PromptFamily(
@@ -184,16 +252,13 @@ FAMILIES: dict[str, PromptFamily] = {
         reply="{text}<|im_end|>",
         after_reply="\n",
         eot="<|im_end|>",
+        controls=("<|im_start|>",),
     ),
 }
 
-# The special tokens each family's tokenizer has (tests add them to the Mistral tokenizer).
+# The special tokens each family's prompt uses beyond a sentencepiece tokenizer's own <s>/</s>.
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
-    "mistral": (),
-    "vicuna": (),
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    "qwen": ("<|im_start|>", "<|im_end|>"),
+    name: tuple(t for t in f.control_tokens if t not in ("<s>", "</s>")) for name, f in FAMILIES.items()
 }
 
 
@@ -202,3 +267,89 @@ def get_family(name: str) -> PromptFamily:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown prompt family {name!r}; choose one of {sorted(FAMILIES)}") from None
+
+
+class TemplateTokenizer:
+    """Token ids of rendered pieces, by the rule in the module docstring (BOS not included).
+
+    Uses the tokenizer's `tokenizers` backend directly: a run of text that follows a cut is tokenised
+    without the sentencepiece prefix space (`Metaspace(prepend_scheme="first")` adds one only at the very
+    start of a string, which is what whole-string tokenisation does)."""
+
+    def __init__(self, tokenizer, family: PromptFamily, special_tokens_in_text: str = SpecialTokensInText.text):
+        self._setup(tokenizer, family, SpecialTokensInText(special_tokens_in_text))
+
+    def __getstate__(self):  # DataLoader / doctor workers: `encode_special_tokens` does not survive a pickle
+        return {"tok": self.tok, "family": self.family, "mode": self.mode}
+
+    def __setstate__(self, state):
+        self._setup(state["tok"], state["family"], state["mode"])
+
+    def _setup(self, tokenizer, family: PromptFamily, mode: SpecialTokensInText):
+        self.tok = tokenizer
+        self.family = family
+        self.mode = mode
+        self.split = mode == SpecialTokensInText.text
+        controls = [*family.control_tokens, IMAGE_TOKEN]
+        self.control_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in controls}
+        # Control tokens are cut everywhere in the scaffolding; in message text only <image> is.
+        self._scaffold_rx = re.compile("(" + "|".join(re.escape(t) for t in controls) + ")")
+        self._content_rx = re.compile("(" + re.escape(IMAGE_TOKEN) + ")")
+        # The special-token strings data text may spell (reported by `llava doctor`).
+        specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+        specials |= {str(t) for t in tokenizer.get_added_vocab()} if hasattr(tokenizer, "get_added_vocab") else set()
+        specials |= set(family.control_tokens)
+        specials.discard(IMAGE_TOKEN)
+        specials.discard("")
+        self.special_strings = tuple(sorted(specials, key=len, reverse=True))
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._first = self._rest = None
+        if backend is not None:
+            self._first, self._rest = copy.deepcopy(backend), copy.deepcopy(backend)
+            for b in (self._first, self._rest):  # (a copy does not keep encode_special_tokens)
+                b.encode_special_tokens = self.split
+                b.no_truncation()
+                b.no_padding()
+            pre = self._rest.pre_tokenizer
+            if type(pre).__name__ == "Metaspace" and str(getattr(pre, "prepend_scheme", "")) == "first":
+                pre.prepend_scheme = "never"
+                self._rest.pre_tokenizer = pre
+
+    def _run(self, text: str, first: bool) -> list[int]:
+        if self._first is None:  # a tokenizer without a `tokenizers` backend
+            return self.tok(text, add_special_tokens=False, split_special_tokens=self.split)["input_ids"]
+        return (self._first if first else self._rest).encode(text, add_special_tokens=False).ids
+
+    def special_text(self, pieces: list[Piece]) -> list[str]:
+        """The special-token strings that message text (not the template) contains."""
+        content = "".join(p.content for p in pieces)
+        return [t for t in self.special_strings if t in content]
+
+    def encode(self, pieces: list[Piece]) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, the token span of each trained piece)."""
+        groups: list[tuple[bool, list[tuple[str, bool]]]] = []
+        for piece in pieces:  # runs of untrained pieces, each trained piece alone
+            if piece.trained or not groups or groups[-1][0]:
+                groups.append((piece.trained, list(piece.parts)))
+            else:
+                groups[-1][1].extend(piece.parts)
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for trained, parts in groups:
+            start = len(ids)
+            run = ""
+            for text, is_content in parts:
+                rx = self._content_rx if (is_content and self.split) else self._scaffold_rx
+                for k, chunk in enumerate(rx.split(text)):
+                    if k % 2 == 0:
+                        run += chunk
+                        continue
+                    if run:
+                        ids += self._run(run, first=not ids)
+                        run = ""
+                    ids.append(self.control_ids[chunk])
+            if run:
+                ids += self._run(run, first=not ids)
+            if trained:
+                spans.append((start, len(ids)))
+        return ids, spans

@@ -3,8 +3,9 @@
 Three modes: one-shot (`prompt=...`, reply on stdout), batch (`input=requests.jsonl`, replies to a
 JSONL) and interactive (neither: read turns from stdin; `/image PATH` attaches an image to the next
 turn, `/reset` clears the history, `/quit` or end of input stops).
-Prompts come from the processor's own chat template (saved with every checkpoint this project
-writes), the same path `transformers.pipeline("image-text-to-text")` takes.
+Prompts come from the processor's own chat template: the family's training template, saved with every
+folder this project writes (for another checkpoint, `model.family`'s is set at load), the same path
+`transformers.pipeline("image-text-to-text")` takes. Generation stops on the family's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from PIL import Image
 
 from llava_train.config.jobs import ChatJobConfig
+from llava_train.data.templates import get_family
 from llava_train.model.inference import load_for_inference, load_processor_for, resolve
+from llava_train.model.load import processor_family, set_generation_stop
 
 
 def _message(role: str, text: str, n_images: int = 0) -> dict[str, Any]:
@@ -31,26 +34,32 @@ class Chat:
     def __init__(self, cfg: ChatJobConfig):
         self.cfg = cfg
         resolved = resolve(cfg.model.path, cfg.base_model, cfg.model)
-        self.processor = load_processor_for(resolved)
+        self.processor = load_processor_for(resolved, cfg.model.family)
         self.processor.tokenizer.padding_side = "left"
+        self.family = get_family(processor_family(self.processor) or cfg.model.family)
         self.model = load_for_inference(resolved, cfg.model.dtype, cfg.model.attn_implementation)
+        set_generation_stop(self.model.generation_config, self.processor.tokenizer, self.family)
 
     @torch.no_grad()
     def generate(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[str]:
         """Replies to a batch of conversations (each ending with a user turn), left padded."""
         tok = self.processor.tokenizer
-        texts = [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-        flat = [im for ims in images for im in ims]
-        inputs = self.processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
+        inputs = self.inputs(conversations, images).to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         c = self.cfg
         sampling = {"do_sample": True, "temperature": c.temperature, "top_p": c.top_p} if c.do_sample else {
             "do_sample": False}
         out = self.model.generate(**inputs, max_new_tokens=c.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, **sampling)
+                                  **sampling)  # stops on generation_config.eos_token_id (family's end-of-turn)
         return [t.strip() for t in tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+    def inputs(self, conversations: list[list[dict]], images: list[list[Image.Image]]):
+        """The model inputs of a batch: each conversation rendered by the processor's chat template (the
+        training prompt), images expanded, left padded."""
+        texts = [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        flat = [im for ims in images for im in ims]
+        return self.processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
 
     def one_turn(self, prompt: str, image_paths: list[str]) -> str:
         conv = self._start() + [_message("user", prompt, len(image_paths))]

@@ -143,7 +143,7 @@ def _generate(model, ds, tokenizer, order, batch_size, max_new_tokens, do_sample
             batch[PIXEL_VALUES] = batch[PIXEL_VALUES].to(dtype)
         with _zero3_gathered(model, _zero3()):
             out = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling, synced_gpus=synced_gpus,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id)  # stops on generation_config's ids
         new = out[:, batch[INPUT_IDS].shape[1]:]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(chunk, texts):

@@ -21,6 +21,7 @@ from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics, write_predictions
 from llava_train.model.inference import load_for_inference, load_processor_for, resolve
+from llava_train.model.load import processor_family, set_generation_stop
 
 
 def run(cfg: EvalJobConfig, output_dir: str) -> dict[str, Any]:
@@ -30,10 +31,12 @@ def run(cfg: EvalJobConfig, output_dir: str) -> dict[str, Any]:
     resolved = resolve(cfg.model.path, cfg.base_model, cfg.model)
     kind = "adapter" if resolved.is_adapter else "checkpoint"
     print(f"model: {resolved.model_dir} ({kind}; base {resolved.base})", flush=True)
-    processor = load_processor_for(resolved)
+    processor = load_processor_for(resolved, cfg.model.family)
+    family = get_family(processor_family(processor) or cfg.model.family)  # the family the model was trained with
     model = load_for_inference(resolved, cfg.model.dtype, cfg.model.attn_implementation)
+    set_generation_stop(model.generation_config, processor.tokenizer, family)
 
-    encoder = Encoder(processor.tokenizer, get_family(cfg.model.family), ImageGeometry.from_processor(processor),
+    encoder = Encoder(processor.tokenizer, family, ImageGeometry.from_processor(processor),
                       max_length=cfg.data.max_length, overflow="skip")
     data_cfg = DataConfig(train_path=cfg.data.path, image_root=cfg.data.image_root, max_length=cfg.data.max_length,
                           on_error=cfg.data.on_error)

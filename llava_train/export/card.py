@@ -58,6 +58,10 @@ def build_card(*, kind: str, repo_id: str, base_model: str, datasets: list[str],
              + (" (LoRA adapter)." if kind == "adapter" else " (adapter merged into the weights)."), ""]
     if datasets:
         lines += ["Training data: " + ", ".join(f"`{d}`" for d in datasets), ""]
+    family = train_cfg.get("model", {}).get("family")
+    if family:
+        lines += [f"Prompt format: the `{family}` family as trained; the processor's chat template in this folder "
+                  "renders it exactly, and `generation_config.json` stops on its end-of-turn token.", ""]
     lines += ["## Training hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in hp.items()]
     shown = {k: v for k, v in metrics.items() if k.startswith(("eval_", "train_loss")) and isinstance(v, (int, float))}
@@ -71,16 +75,20 @@ def build_card(*, kind: str, repo_id: str, base_model: str, datasets: list[str],
 def usage(kind: str, repo: str, base_model: str) -> list[str]:
     ask = ('messages = [{"role": "user", "content": [{"type": "image", "url": "photo.png"},\n'
            '                                         {"type": "text", "text": "What is in the image?"}]}]')
+    generate = ["inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
+                "                                       return_dict=True, return_tensors=\"pt\")",
+                "out = model.generate(**inputs, max_new_tokens=64)  # stops on the end-of-turn token",
+                "print(processor.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
     if kind == "merged":
         return ["from transformers import pipeline", "",
                 f'pipe = pipeline("{PIPELINE_TAG}", model="{repo}")', ask,
-                "print(pipe(text=messages, max_new_tokens=64, return_full_text=False)[0][\"generated_text\"])"]
+                "print(pipe(text=messages, max_new_tokens=64, return_full_text=False)[0][\"generated_text\"])", "",
+                "# or by hand: the processor's chat template is the prompt format the model was trained with",
+                "from transformers import AutoProcessor, LlavaNextForConditionalGeneration", "",
+                f'model = LlavaNextForConditionalGeneration.from_pretrained("{repo}")',
+                f'processor = AutoProcessor.from_pretrained("{repo}")', *generate]
     return ["from peft import PeftModel",
             "from transformers import AutoProcessor, LlavaNextForConditionalGeneration", "",
             f'base = LlavaNextForConditionalGeneration.from_pretrained("{base_model}")',
             f'model = PeftModel.from_pretrained(base, "{repo}")',
-            f'processor = AutoProcessor.from_pretrained("{repo}")', ask,
-            "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
-            "                                       return_dict=True, return_tensors=\"pt\")",
-            "out = model.generate(**inputs, max_new_tokens=64)",
-            "print(processor.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
+            f'processor = AutoProcessor.from_pretrained("{repo}")', ask, *generate]

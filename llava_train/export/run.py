@@ -68,7 +68,7 @@ def run(cfg: ExportConfig, output_dir: str) -> dict[str, Any]:
     resolved = resolve(cfg.source, cfg.base_model)
     config_text, train_cfg, metrics = _training_outputs(Path(cfg.source))
     dtype = str(cfg.dtype if cfg.dtype != "auto" else train_cfg.model.dtype)
-    processor = load_processor_for(resolved)
+    processor = load_processor_for(resolved, str(train_cfg.model.family) if config_text else None)
     model_path = train_cfg.model.path
     card_base = cfg.card_base_model or (model_path if model_path and model_path != "tiny" else resolved.base)
     datasets = list(cfg.datasets)

@@ -7,7 +7,8 @@ catches truncated or corrupt pixel data behind an intact header. The report: cou
 with the first sample ids; histograms of sample lengths and image tokens per image (text, and a PNG);
 images per sample; share of text-only samples;
 how many samples exceed `data.max_length` (and whether they are truncated or dropped); trained tokens
-per epoch. `llava doctor` exits non-zero when any sample has an error.
+per epoch; samples whose text spells special tokens (`</s>`, `<|im_end|>`...: count, strings, first
+ids). `llava doctor` exits non-zero when any sample has an error.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Result:
     image_tokens: list[int] = field(default_factory=list)
     trained: int = 0  # trained tokens after the overflow policy
     overflow: str = ""  # "" | truncated | dropped
+    special_text: list[str] = field(default_factory=list)  # special-token strings the message text spells
+    sample_id: str = ""
 
 
 @dataclass
@@ -57,6 +60,9 @@ class Report:
     truncated: int = 0
     dropped: int = 0
     trained_tokens: int = 0  # per epoch, source weights applied
+    special_text: int = 0  # samples whose text spells special tokens
+    special_ids: list[str] = field(default_factory=list)  # the first few of them
+    special_strings: Counter = field(default_factory=Counter)  # which strings, in how many samples
 
     @property
     def ok(self) -> bool:
@@ -78,7 +84,8 @@ def _check(index: int, row: Any) -> Result:
         if w["decode"]:  # every pixel, as training will (truncated data passes the header read)
             for k, ref in enumerate(conv.images):
                 load_rgb(ref, w["root"], conv, k)
-        res = Result(index, length=len(enc.input_ids), image_tokens=enc.image_tokens)
+        res = Result(index, length=len(enc.input_ids), image_tokens=enc.image_tokens, special_text=enc.special_text,
+                     sample_id=conv.id)
         bounded = enc
         if res.length > w["bounded"].max_length:
             bounded = w["bounded"].encode(conv, sizes)
@@ -133,6 +140,11 @@ def check_source(source: Source, cfg: DataConfig, full: Encoder, bounded: Encode
         if res.error:
             report.errors.record(*res.error)
             continue
+        if res.special_text:
+            report.special_text += 1
+            report.special_strings.update(res.special_text)
+            if len(report.special_ids) < 10:
+                report.special_ids.append(str(res.sample_id))
         if res.overflow == "dropped":
             report.over_max += 1
             report.dropped += 1
@@ -185,6 +197,15 @@ def format_report(report: Report, cfg: DataConfig, show_ids: int, bins: int) -> 
     lines.append(f"over data.max_length={cfg.max_length}: {report.over_max} (truncated by dropping turns: "
                  f"{report.truncated}, dropped: {report.dropped}; data.overflow={cfg.overflow})")
     lines.append(f"trained tokens per epoch: {report.trained_tokens:,}")
+    if report.special_text:
+        mode = getattr(cfg.special_tokens_in_text, "value", cfg.special_tokens_in_text)
+        how = ("tokenised as plain text" if mode == "text" else
+               "PARSED as control tokens: data can end a sequence or forge a turn")
+        strings = ", ".join(f"{t!r} x{n}" for t, n in report.special_strings.most_common())
+        lines.append(f"special-token text: {report.special_text} sample(s) spell special tokens ({strings}); "
+                     f"{how} (data.special_tokens_in_text={mode}); first ids: {', '.join(report.special_ids)}")
+    else:
+        lines.append("special-token text: none")
     if report.lengths:
         lens = sorted(report.lengths)
         lines.append(f"sample length (tokens, images expanded): min {lens[0]}, median {lens[len(lens) // 2]}, "
@@ -219,7 +240,8 @@ def doctor(cfg: DoctorJobConfig, output_dir: str, out: Optional[TextIO] = None) 
     d = cfg.doctor
     _, bounded = load_encoder(cfg.model, cfg.data)
     full = Encoder(bounded.tok, bounded.family, bounded.geometry, max_length=sys.maxsize,
-                   overflow="drop_turns", last_turn_only=cfg.data.train_last_turn_only)
+                   overflow="drop_turns", last_turn_only=cfg.data.train_last_turn_only,
+                   special_tokens_in_text=cfg.data.special_tokens_in_text, image_placement=cfg.data.image_placement)
     workers = d.workers or os.cpu_count() or 1
     splits = [("train", cfg.data.train_path)]
     if d.include_eval and cfg.data.eval_path:

@@ -30,7 +30,7 @@ def load_encoder(model_cfg: ModelConfig, data_cfg: DataConfig, *, max_length: in
     """The processor of `model_cfg`'s checkpoint and an `Encoder` for it (no model weights loaded)."""
     from llava_train.model.load import load_processor, resolve_checkpoint
 
-    processor = load_processor(resolve_checkpoint(model_cfg))
+    processor = load_processor(resolve_checkpoint(model_cfg), model_cfg.family)
     if max_length is not None:
         data_cfg = replace(data_cfg, max_length=max_length)
     encoder = Encoder.from_config(processor.tokenizer, get_family(model_cfg.family),

@@ -20,6 +20,7 @@ from llava_train.model.load import attn_implementation as resolve_attn
 ADAPTER_CONFIG = "adapter_config.json"
 FINAL = "final"  # the folder `llava train` saves its final model into
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclass
@@ -49,14 +50,15 @@ def resolve(path: str, base_model: str = "", model_cfg: ModelConfig | None = Non
     return Resolved(str(folder) if folder.exists() else path, str(folder) if folder.exists() else path, False)
 
 
-def load_processor_for(resolved: Resolved):
-    """The processor saved next to the weights (adapter folders carry theirs), else the base's."""
-    from transformers import AutoProcessor
+def load_processor_for(resolved: Resolved, family: str | None = None):
+    """The processor saved next to the weights (adapter folders carry theirs), else the base's, with the
+    training chat template it was saved with (a folder this project wrote), else `family`'s."""
+    from llava_train.model.load import load_processor
 
     src = resolved.model_dir
     if not any((Path(src) / f).exists() for f in PROCESSOR_FILES):
         src = resolved.base
-    return AutoProcessor.from_pretrained(src)
+    return load_processor(src, family, prefer_saved=True)
 
 
 def load_for_inference(resolved: Resolved, dtype: str = "fp32", attn_implementation: str = "sdpa",
@@ -70,6 +72,10 @@ def load_for_inference(resolved: Resolved, dtype: str = "fp32", attn_implementat
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, resolved.model_dir)
+        if (Path(resolved.model_dir) / GENERATION_CONFIG).is_file():  # the stop ids training saved
+            from transformers import GenerationConfig
+
+            model.base_model.model.generation_config = GenerationConfig.from_pretrained(resolved.model_dir)
         if merge:
             model = model.merge_and_unload()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

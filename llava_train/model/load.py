@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -21,15 +22,29 @@ def resolve_checkpoint(cfg: ModelConfig) -> str:
     if cfg.path == TINY:
         from llava_train.model.tiny import ensure_tiny_checkpoint
 
-        return str(ensure_tiny_checkpoint(cfg.tiny, cfg.cache_dir))
+        return str(ensure_tiny_checkpoint(cfg.tiny, cfg.cache_dir, cfg.family))
     return cfg.path
 
 
-def load_processor(checkpoint: str):
+def load_processor(checkpoint: str, family: Optional[str] = None, *, prefer_saved: bool = False):
+    """The checkpoint's processor with the prompt family's *training* chat template set, the one place it
+    is set: every folder this project writes saves this processor, so `apply_chat_template`, `llava chat`
+    and `pipeline("image-text-to-text")` prompt exactly as training did (the hub templates of the llava-hf
+    checkpoints differ from the training formats). `family`: the family to train with (training) or the
+    configured fallback; with `prefer_saved` (inference) a template this project saved wins over it."""
     from transformers import AutoProcessor
+
+    from llava_train.data.templates import family_of, get_family
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     log.info("image processor backend: %s", type(processor.image_processor).__name__)
+    saved = family_of(getattr(processor, "chat_template", None))
+    name = (saved or family) if prefer_saved else (family or saved)
+    if saved and family and saved != family:
+        log.warning("%s was trained with the %r prompt family but model.family=%s; using %r", checkpoint, saved,
+                    family, name)
+    if name:
+        set_training_template(processor, get_family(name))
     return processor
 
 
@@ -42,6 +57,37 @@ def attn_implementation(requested: str) -> str:
     chosen = "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
     print(f"model.attn_implementation=auto -> {chosen}", flush=True)
     return chosen
+
+
+def set_training_template(processor, family) -> None:
+    """Put `family`'s training chat template on the processor and its tokenizer (both are saved)."""
+    processor.chat_template = family.chat_template
+    processor.tokenizer.chat_template = family.chat_template
+
+
+def processor_family(processor) -> Optional[str]:
+    """The prompt family whose training template the processor carries (None: another template)."""
+    from llava_train.data.templates import family_of
+
+    return family_of(getattr(processor, "chat_template", None))
+
+
+def stop_token_ids(tokenizer, family) -> list[int]:
+    """The ids generation must stop on: the tokenizer's EOS and the family's end-of-turn token."""
+    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(family.eot)]
+    return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
+
+
+def set_generation_stop(generation_config, tokenizer, family) -> None:
+    """Add the family's stop ids to `generation_config.eos_token_id` (the ids already there are kept), so
+    the `generation_config.json` saved with the model stops on the end-of-turn token (llama3 `<|eot_id|>`,
+    chatml/qwen `<|im_end|>`, mistral/vicuna `</s>`)."""
+    current = generation_config.eos_token_id
+    current = list(current) if isinstance(current, (list, tuple)) else ([current] if current is not None else [])
+    ids = list(dict.fromkeys([*stop_token_ids(tokenizer, family), *current]))
+    generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_model(cfg: ModelConfig, checkpoint: str, *, quantization_config=None):

@@ -1,8 +1,14 @@
-"""The embedded default checkpoint: a small LlavaNext built from config with the real Mistral-7B tokenizer.
+"""The embedded default checkpoint: a small LlavaNext built from config with a real tokenizer.
+
+`model.family` picks the tokenizer and language-model architecture of the family's checkpoints
+(mistral: Mistral-7B's tokenizer and MistralConfig; vicuna: Llama-2's, LlamaConfig; llama3: Llama-3's,
+LlamaConfig; qwen: Qwen's, Qwen2Config; chatml: a stand-in tokenizer, LlamaConfig as Yi), see
+`model/tokenizers.py`.
 
 Nothing can be downloaded here, so the default model is materialised once into a cache folder with
-``save_pretrained`` (model, tokenizer, image processor, chat template) and from then on loaded with
-``from_pretrained`` exactly like a real checkpoint. The same seed and geometry give the same weights.
+``save_pretrained`` (model, tokenizer, image processor, the family's training chat template) and from then
+on loaded with ``from_pretrained`` exactly like a real checkpoint. The same seed, geometry and family give
+the same weights.
 """
 
 from __future__ import annotations
@@ -17,49 +23,23 @@ from pathlib import Path
 
 from llava_train.config import TinyModelConfig
 from llava_train.constants import IMAGE_TOKEN
+from llava_train.model.tokenizers import persist_tokenizer_settings
 
 # Bump when the way the tiny checkpoint is built changes, so stale caches are not reused.
-_BUILD_VERSION = 2
+_BUILD_VERSION = 3
 
 # CLIP's normalisation, as in the llava-v1.6 processors.
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def mistral_tokenizer_file() -> Path:
-    """Mistral-7B's sentencepiece model as shipped by mistral-common (32000 ids, as in llava-v1.6-mistral)."""
-    import mistral_common
+def build_tokenizer(folder: Path, family: str = "mistral"):
+    """The family's real tokenizer (`model/tokenizers.py`; chatml: a stand-in) with `<image>` added as a
+    special token, saved into `folder` (`legacy` persisted: a reload keeps every id)."""
+    from llava_train.model.tokenizers import build_family_tokenizer, save_tokenizer
 
-    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: reinstall mistral-common (pip install mistral-common)")
-    return path
-
-
-def build_tokenizer(folder: Path):
-    """Mistral-7B tokenizer with `<image>` added as special token 32000, saved into `folder`.
-
-    `legacy` decides whether a space piece follows special tokens; transformers does not write it to
-    the saved config and a reload would silently change the ids after `<image>`. We pin
-    `legacy=False` and persist it (tests check that a reload keeps every id).
-    """
-    from transformers import LlamaTokenizer
-
-    src = Path(tempfile.mkdtemp())
-    try:
-        # Converting needs the file named tokenizer.model inside a folder; constructing the class
-        # with vocab_file= builds a 3-token vocabulary instead.
-        shutil.copy(mistral_tokenizer_file(), src / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(str(src), add_bos_token=True, add_eos_token=False, legacy=False)
-    finally:
-        shutil.rmtree(src, ignore_errors=True)
-    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    tok.pad_token = tok.unk_token  # llava-v1.6-mistral pads with <unk> (id 0)
-    tok.save_pretrained(str(folder))
-    cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update({"legacy": False, "add_bos_token": True, "add_eos_token": False})
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    tok = build_family_tokenizer(family)
+    save_tokenizer(tok, folder)
     return tok
 
 
@@ -69,11 +49,12 @@ def _cache_root(cache_dir: str) -> Path:
     return Path(os.environ.get("LLAVA_TRAIN_CACHE", "~/.cache/llava-train")).expanduser()
 
 
-def tiny_checkpoint_dir(cfg: TinyModelConfig, cache_dir: str = "") -> Path:
-    """Folder of the tiny checkpoint for this geometry and seed (not necessarily built yet)."""
-    key = json.dumps({"v": _BUILD_VERSION, **asdict(cfg)}, sort_keys=True)
+def tiny_checkpoint_dir(cfg: TinyModelConfig, cache_dir: str = "", family: str = "mistral") -> Path:
+    """Folder of the tiny checkpoint for this geometry, seed and family (not necessarily built yet)."""
+    key = json.dumps({"v": _BUILD_VERSION, "family": family, **asdict(cfg)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return _cache_root(cache_dir) / f"tiny-llava-next-{digest}"
+    name = "tiny-llava-next" if family == "mistral" else f"tiny-llava-next-{family}"
+    return _cache_root(cache_dir) / f"{name}-{digest}"
 
 
 def grid_pinpoints(image_size: int) -> list[list[int]]:
@@ -82,7 +63,13 @@ def grid_pinpoints(image_size: int) -> list[list[int]]:
     return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
 
 
-def _build(cfg: TinyModelConfig, folder: Path) -> None:
+def _text_config_class(family: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    return {"mistral": MistralConfig, "qwen": Qwen2Config}.get(family, LlamaConfig)
+
+
+def _build(cfg: TinyModelConfig, folder: Path, family: str) -> None:
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -90,12 +77,12 @@ def _build(cfg: TinyModelConfig, folder: Path) -> None:
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
         LlavaNextProcessor,
-        MistralConfig,
     )
 
     from llava_train.data.templates import get_family
+    from llava_train.model.load import set_training_template
 
-    tok = build_tokenizer(folder)
+    tok = build_tokenizer(folder, family)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden_size,
@@ -106,7 +93,7 @@ def _build(cfg: TinyModelConfig, folder: Path) -> None:
         patch_size=cfg.patch_size,
         projection_dim=cfg.vision_hidden_size,
     )
-    text = MistralConfig(
+    text = _text_config_class(family)(
         vocab_size=len(tok),
         hidden_size=cfg.text_hidden_size,
         intermediate_size=cfg.text_intermediate_size,
@@ -132,6 +119,8 @@ def _build(cfg: TinyModelConfig, folder: Path) -> None:
     torch.manual_seed(cfg.seed)
     model = LlavaNextForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(str(folder))
     # The PIL backend is always available; with torchvision installed, AutoProcessor loads the
     # torchvision backend from the same saved config (same patch counts).
@@ -148,26 +137,23 @@ def _build(cfg: TinyModelConfig, folder: Path) -> None:
         patch_size=cfg.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=get_family("mistral").chat_template,
     )
+    set_training_template(processor, get_family(family))
     processor.save_pretrained(str(folder))
     # save_pretrained rewrites the tokenizer config: persist `legacy` again.
-    cfg_path = folder / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text())
-    tok_cfg.update({"legacy": False, "add_bos_token": True, "add_eos_token": False})
-    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
-    (folder / "llava_train_tiny.json").write_text(json.dumps(asdict(cfg), indent=2))
+    persist_tokenizer_settings(tok, folder)
+    (folder / "llava_train_tiny.json").write_text(json.dumps({**asdict(cfg), "family": family}, indent=2))
 
 
-def ensure_tiny_checkpoint(cfg: TinyModelConfig, cache_dir: str = "") -> Path:
+def ensure_tiny_checkpoint(cfg: TinyModelConfig, cache_dir: str = "", family: str = "mistral") -> Path:
     """Materialise the tiny checkpoint once (atomically: concurrent ranks never see half a folder)."""
-    folder = tiny_checkpoint_dir(cfg, cache_dir)
+    folder = tiny_checkpoint_dir(cfg, cache_dir, family)
     if (folder / "llava_train_tiny.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
     try:
-        _build(cfg, tmp)
+        _build(cfg, tmp, family)
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -25,7 +25,7 @@ from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.files import write_json_atomic
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant
-from llava_train.model.load import load_model, load_processor, resolve_checkpoint
+from llava_train.model.load import load_model, load_processor, resolve_checkpoint, set_generation_stop
 from llava_train.model.quantize import quantization_config
 from llava_train.model.summary import describe
 from llava_train.train.callbacks import attach_callbacks, in_training_eval_set, report_to, run_name
@@ -77,13 +77,14 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
     with main_process_first():
         checkpoint = resolve_checkpoint(cfg.model)
     print(f"base checkpoint: {checkpoint}", flush=True)
-    processor = load_processor(checkpoint)
+    processor = load_processor(checkpoint, cfg.model.family)  # the family's training chat template, saved everywhere
     train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor,
                                        batch_size=cfg.trainer.per_device_train_batch_size, seed=cfg.seed)
 
     args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
                         zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
+    set_generation_stop(model.generation_config, processor.tokenizer, get_family(cfg.model.family))
     preemption = Preemption(cfg.trainer.preemption_signals)
     trainer = build_trainer(cfg, model, train_ds, processor, out, args=args, callbacks=[preemption, *callbacks],
                             eval_ds=eval_ds, identity=identity)
@@ -225,6 +226,7 @@ def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, ar
         prefetch_factor=cfg.data.prefetch_factor,
         identity=identity,
         worker_ignored_signals=cfg.trainer.preemption_signals,
+        processing_class=processor,  # saved into every checkpoint-N/ and final/ with the training template
     )
     return trainer
 

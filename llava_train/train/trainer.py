@@ -140,9 +140,13 @@ class LlavaTrainer(Trainer):
         return folder
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """Also for checkpoints: adds what peft's adapter file leaves out (image_newline)."""
+        """Also for checkpoints: adds what peft's adapter file leaves out (image_newline) and, for an adapter,
+        the generation config (its stop ids include the family's end-of-turn token)."""
         super().save_model(output_dir, _internal_call)
         save_unsaved_trainables(self.model, output_dir or self.args.output_dir, write=self.args.should_save)
+        generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+        if self.args.should_save and generation_config is not None:
+            generation_config.save_pretrained(output_dir or self.args.output_dir)
 
 
 def _barrier() -> None:

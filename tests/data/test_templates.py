@@ -100,7 +100,7 @@ def test_prefix_property_and_trained_spans(name, kind, tokenizers):
         prompt = _encoder(tokenizers, name).encode_prompt(conv, turns[:k], sizes)
         assert enc.input_ids[: len(prompt)] == prompt
         # from there the reply is trained: separator + reply + end-of-turn, exactly
-        span = family.reply.format(text=turns[k].text)
+        span = family.reply.format(text=family.message_text(turns[k].text))
         end = len(prompt)
         while _text(tok, enc.input_ids[len(prompt): end]) != span:
             end += 1
