@@ -156,8 +156,9 @@ class PeftConfig:
     quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
     double_quant: bool = True  # quantise the quantisation constants too (4-bit only)
     compute_dtype: str = ""  # fp32 | bf16 | fp16; empty: model.dtype
-    # Storage dtype of packed 4-bit weights: uint8, or the model dtype so ZeRO-3 can shard them.
-    quant_storage: str = "uint8"  # uint8 | bf16 | fp16 | fp32
+    # Storage dtype of packed 4-bit weights. auto: model.dtype when weights are sharded (ZeRO-3), so they
+    # are partitioned like every other tensor; uint8 otherwise.
+    quant_storage: str = "auto"  # auto | uint8 | bf16 | fp16 | fp32
     # Kept in full precision, by FULL module-name prefix (transformers 5 does not match short names:
     # "vision_tower" would leave the CLIP tower quantised).
     quant_skip_modules: list[str] = field(
@@ -217,6 +218,9 @@ class DeepSpeedConfig:
     stage: int = 0  # 0 (off) | 2 | 3
     offload_optimizer: bool = False  # optimizer state and step on the CPU (ZeRO-Offload)
     offload_param: bool = False  # ZeRO-3 only: parameters on the CPU between uses
+    # With offload_optimizer: step with DeepSpeed's compiled CPU Adam (AdamW; the op is built on first use,
+    # ~2.5 CPU-minutes, then cached). false: the torch optimizer steps the offloaded state (slower).
+    cpu_adam: bool = True
     overlap_comm: bool = False  # overlap gradient reduction with backward (useful on GPUs)
     # ZeRO-3: gather the partitioned weights into 16-bit full tensors when saving (needed for adapters).
     gather_16bit_weights_on_model_save: bool = True

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 from llava_train.config import DeepSpeedConfig, PeftConfig
 from llava_train.constants import PIXEL_VALUES
@@ -43,14 +44,6 @@ def main_print(*args: Any) -> None:
 def check_deepspeed(cfg: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
     """Problems with the DeepSpeed settings (collected by validate.check_train, before any weights load)."""
     problems = []
-    if cfg.stage == 3 and peft.method == "qlora":
-        problems.append(
-            "peft.method=qlora with deepspeed.stage=3 is refused: ZeRO-3 partitions every parameter by "
-            "flattening it into the compute-dtype buffer it shards across ranks, and bitsandbytes' packed 4-bit "
-            "weights (uint8 storage plus per-block quantisation state) only survive that when stored in the "
-            "compute dtype (bnb_4bit_quant_storage), which llava-train does not set up or test yet; without it "
-            "the run fails or trains on corrupt weights. Use QLoRA with deepspeed=zero2 or deepspeed=none "
-            "(DDP), or peft=lora with deepspeed=zero3")
     if cfg.stage not in (0, 2, 3):
         problems.append(f"deepspeed.stage={cfg.stage}: use 0 (off), 2 or 3")
     if cfg.offload_param and cfg.stage != 3:
@@ -99,11 +92,19 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> Optional[dict[str, Any]]:
         "steps_per_print": 10**9,  # the Trainer logs; DeepSpeed's own step printing is noise
         "wall_clock_breakdown": False,
     }
-    if cfg.offload_optimizer:
-        # The Trainer's torch optimizer (per-module learning rates) steps on the offloaded fp32 state;
-        # DeepSpeed otherwise insists on its own compiled CPU Adam.
+    if cfg.offload_optimizer and not cfg.cpu_adam:
+        # the torch optimizer steps on the offloaded fp32 state (DeepSpeed otherwise insists on its CPU Adam)
         out["zero_force_ds_cpu_optimizer"] = False
     return out
+
+
+def uses_cpu_adam(ds_config: Optional[dict[str, Any]]) -> bool:
+    """Whether a rendered DeepSpeed config wants DeepSpeed's CPU Adam (optimizer offloaded, not opted out):
+    `LlavaTrainer.create_optimizer` then builds it over the same per-module parameter groups."""
+    if not ds_config:
+        return False
+    offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return offload in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer", True)
 
 
 def distributed_arguments(cfg: DeepSpeedConfig) -> dict[str, Any]:
@@ -224,3 +225,57 @@ class VisionKeepAlive:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def shard_summary(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """What this rank holds of the weights ZeRO-3 partitioned, split into bitsandbytes 4-bit weights and the
+    rest: {"4bit"|"other": {tensors, sharded, bytes, local_bytes}} (+ "quant_state_bytes" for 4-bit, held
+    whole on every rank). Persistent parameters (below deepspeed.param_persistence_threshold) stay whole.
+    Empty when nothing is partitioned (not ZeRO-3)."""
+    from llava_train.model.quantize import quantized_bytes
+
+    out: dict[str, dict[str, int]] = {}
+    seen_state: set[int] = set()  # code tables can be shared between weights: count each tensor once
+    for p in model.parameters():
+        if not hasattr(p, "ds_id"):
+            continue
+        packed, state = quantized_bytes(p)
+        row = out.setdefault("4bit" if packed else "other",
+                             {"tensors": 0, "sharded": 0, "bytes": 0, "local_bytes": 0, "quant_state_bytes": 0})
+        for t in state:
+            if t.data_ptr() not in seen_state:
+                seen_state.add(t.data_ptr())
+                row["quant_state_bytes"] += t.numel() * t.element_size()
+        full = p.ds_numel * p.ds_tensor.element_size()
+        row["tensors"] += 1
+        row["bytes"] += full
+        if p.ds_persist:
+            row["local_bytes"] += full
+        else:
+            row["sharded"] += 1
+            row["local_bytes"] += p.ds_tensor.numel() * p.ds_tensor.element_size()
+    return out
+
+
+def describe_shards(summary: dict[str, dict[str, int]]) -> str:
+    lines = [f"ZeRO-3 partitioned weights, rank {rank()} of {world_size()}:"]
+    for kind, r in summary.items():
+        line = (f"  {kind + ' weights':<14} {r['sharded']}/{r['tensors']} tensors sharded, "
+                f"{r['local_bytes']:,} of {r['bytes']:,} bytes on this rank")
+        if r["quant_state_bytes"]:
+            line += f" (+ {r['quant_state_bytes']:,} bytes of quantisation state, whole on every rank)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+class ShardReport(TrainerCallback):
+    """At the start of training (after DeepSpeed partitioned the model) print what rank 0 holds, and keep it
+    for metrics.json: the check that 4-bit QLoRA weights are really sharded under ZeRO-3."""
+
+    def __init__(self):
+        self.summary: dict[str, dict[str, int]] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.summary = shard_summary(model) if model is not None else {}
+        if self.summary:
+            main_print(describe_shards(self.summary))

@@ -26,6 +26,7 @@ from llava_train.model.load import load_model, load_processor, resolve_checkpoin
 from llava_train.model.quantize import quantization_config
 from llava_train.train.callbacks import attach_callbacks
 from llava_train.train.distributed import (
+    ShardReport,
     distributed_arguments,
     init_distributed,
     is_main_process,
@@ -61,8 +62,9 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
                         zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
     preemption = Preemption(cfg.trainer.preemption_signals)
+    shards = ShardReport()
     trainer, losses = build_trainer(cfg, model, train_ds, processor, out, args=args,
-                                    callbacks=[CheckpointSealer(), preemption, *callbacks])
+                                    callbacks=[CheckpointSealer(), preemption, shards, *callbacks])
     tracking = attach_callbacks(trainer, cfg, eval_ds, processor.tokenizer, out)
     resume_from = resolve_resume(cfg.trainer.resume, out)
     if is_main_process():
@@ -93,6 +95,8 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
         "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
         "world_size": args.world_size,
     }
+    if shards.summary:
+        results["zero3_shards_rank0"] = shards.summary
     if eval_ds is not None and cfg.eval.enabled:
         # every rank generates (ZeRO-3 gathers weights collectively); rank 0 writes
         results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out if is_main_process() else None))
@@ -120,7 +124,8 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
 
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *,
                 gradient_checkpointing: bool = False, zero_stage: int = 0, seed=None):
-    model = load_model(model_cfg, checkpoint, quantization_config=quantization_config(peft_cfg, model_cfg))
+    quantization = quantization_config(peft_cfg, model_cfg, sharded=zero_stage == 3)
+    model = load_model(model_cfg, checkpoint, quantization_config=quantization)
     if seed is not None:
         # adapter init from the seed alone: loading draws random numbers under ZeRO-3's partitioned init
         # (and when the tiny base is materialised) but not otherwise

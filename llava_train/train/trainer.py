@@ -6,7 +6,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from llava_train.model.adapt import param_groups, save_unsaved_trainables
-from llava_train.train.distributed import VisionKeepAlive
+from llava_train.train.distributed import VisionKeepAlive, main_print, uses_cpu_adam
 from llava_train.train.loss import sparse_lm_loss
 
 
@@ -58,7 +58,16 @@ class LlavaTrainer(Trainer):
             opt_model = self.model if model is None else model
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             kwargs.pop("lr", None)
-            self.optimizer = cls(param_groups(opt_model, self.optim_cfg), **kwargs)
+            if self.is_deepspeed_enabled and uses_cpu_adam(self.args.hf_deepspeed_config.config):
+                # ZeRO-Offload: DeepSpeed's compiled CPU Adam (AdamW) steps the offloaded fp32 state
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                cls, kwargs = DeepSpeedCPUAdam, {"betas": kwargs.get("betas", (0.9, 0.999)),
+                                                 "eps": kwargs.get("eps", 1e-8), "adamw_mode": True}
+            groups = param_groups(opt_model, self.optim_cfg)
+            self.optimizer = cls(groups, **kwargs)
+            main_print(f"optimizer: {cls.__name__}, groups: "
+                       + ", ".join(f"{g['name']} (lr {g['lr']:g})" for g in groups))
         return self.optimizer
 
     def save_model(self, output_dir=None, _internal_call=False):

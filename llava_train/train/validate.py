@@ -11,7 +11,7 @@ from llava_train.data.sampler import batching_problems
 from llava_train.data.templates import FAMILIES
 from llava_train.model.adapt import checkpoint_reentrant, target_problems
 from llava_train.model.load import DTYPES, checkpoint_config, meta_model, resolve_checkpoint
-from llava_train.model.quantize import STORAGE_DTYPES, compute_dtype, skip_problems
+from llava_train.model.quantize import AUTO_STORAGE, STORAGE_DTYPES, compute_dtype, skip_problems
 from llava_train.train.distributed import check_deepspeed
 from llava_train.train.resume import check_resume_settings
 
@@ -114,9 +114,15 @@ def _qlora_problems(cfg: TrainJobConfig) -> list[str]:
         problems.append(f"peft.quant_type={p.quant_type!r}: use nf4 or fp4")
     if compute_dtype(p, m) not in DTYPES:
         problems.append(f"peft.compute_dtype={p.compute_dtype!r}: use fp32, bf16 or fp16 (or empty: model.dtype)")
-    if p.quant_storage not in STORAGE_DTYPES:
-        problems.append(f"peft.quant_storage={p.quant_storage!r}: use one of {list(STORAGE_DTYPES)}")
-    if p.bits == 8 and ds.stage > 0:
+    if p.quant_storage not in (AUTO_STORAGE, *STORAGE_DTYPES):
+        problems.append(f"peft.quant_storage={p.quant_storage!r}: use one of {[AUTO_STORAGE, *STORAGE_DTYPES]}")
+    if p.bits == 8 and ds.stage == 3:
+        # bitsandbytes 0.50 Linear8bitLt.forward: `self.weight.data = self.state.CB` after every forward
+        problems.append("peft.bits=8 (LLM.int8) with deepspeed.stage=3 is refused: bitsandbytes' Linear8bitLt keeps "
+                        "the whole int8 weight in its matmul state (state.CB) and writes it back into the parameter "
+                        "after every forward, so ZeRO-3 cannot shard it (every rank holds the full 8-bit model). "
+                        "Use 4-bit QLoRA (peft=qlora: its packed weights are sharded) or deepspeed=none")
+    elif p.bits == 8 and ds.stage > 0:
         problems.append(f"peft.bits=8 (LLM.int8) does not work with DeepSpeed (deepspeed.stage={ds.stage}): "
                         "use 4-bit QLoRA or deepspeed=none")
     return problems
