@@ -229,6 +229,24 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """PyTorch FSDP2 through HF Trainer / accelerate: the second sharding engine (instead of DeepSpeed; GPUs
+    only). Rendered by llava_train.train.distributed.fsdp_arguments; mixed precision follows model.dtype and
+    activation checkpointing follows trainer.gradient_checkpointing (FSDP's own, applied per decoder layer)."""
+
+    enabled: bool = False
+    # true: full shard (parameters re-sharded after forward, like ZeRO-3); false: kept gathered until the
+    # backward (fewer all-gathers, more memory, like ZeRO-2).
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # parameters, gradients and optimizer step on the CPU
+    # Checkpoints: SHARDED_STATE_DICT (one file per rank, fast) | FULL_STATE_DICT. The final adapter is
+    # always gathered into one full file.
+    state_dict_type: str = "SHARDED_STATE_DICT"
+    # Rank 0 reads the checkpoint, the others start empty and receive the weights by broadcast.
+    cpu_ram_efficient_loading: bool = True
+
+
+@dataclass
 class EvalConfig:
     """Generation eval after training (greedy exact match on the eval split)."""
 
@@ -274,6 +292,7 @@ class TrainJobConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

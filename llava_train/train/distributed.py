@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from llava_train.config import DeepSpeedConfig, PeftConfig
+from llava_train.config import DeepSpeedConfig, FsdpConfig, PeftConfig
 from llava_train.constants import PIXEL_VALUES
 
 AUTO = "auto"
@@ -107,12 +107,69 @@ def uses_cpu_adam(ds_config: Optional[dict[str, Any]]) -> bool:
     return offload in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer", True)
 
 
-def distributed_arguments(cfg: DeepSpeedConfig) -> dict[str, Any]:
-    """`TrainingArguments` keywords for the launch: the DeepSpeed dict, and CPU DDP (gloo) when several
-    ranks run without GPUs (accelerate only picks its multi-CPU mode when told `cpu`; a single process is
-    left alone)."""
+FSDP_STATE_DICTS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+
+
+def check_fsdp(cfg: FsdpConfig, ds: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
+    """Problems with the FSDP2 settings (collected by validate.check_train, before any weights load)."""
+    if not cfg.enabled:
+        return []
+    problems = []
+    if ds.stage > 0:
+        problems.append(f"fsdp.enabled with deepspeed.stage={ds.stage}: both shard the model, choose one engine "
+                        "(fsdp=full_shard deepspeed=none, or fsdp=none)")
+    if peft.method == "qlora":
+        problems.append(
+            "peft.method=qlora with FSDP2 is refused: fully_shard turns each bitsandbytes Params4bit into a plain "
+            "DTensor shard, and its parameter swap is reported to canonicalise the NaN bit patterns that packed "
+            "4-bit codes stored in a float dtype happen to form, so the 4-bit matmul decodes wrong weights "
+            "(https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1945, open; FSDP2 QLoRA in "
+            "accelerate: https://github.com/huggingface/accelerate/issues/3874, open). Shard QLoRA with "
+            "deepspeed=zero3 (tested), or use peft=lora with FSDP2")
+    if cfg.state_dict_type not in FSDP_STATE_DICTS:
+        problems.append(f"fsdp.state_dict_type={cfg.state_dict_type!r}: use one of {list(FSDP_STATE_DICTS)}")
+    if not torch.cuda.is_available():
+        problems.append(
+            "fsdp.enabled needs GPUs: accelerate turns FSDP on only for accelerator ranks (accelerate/state.py: "
+            "MULTI_GPU/XPU/NPU/..., never MULTI_CPU), so CPU ranks would silently train as plain DDP. "
+            "On CPU shard with deepspeed=zero3")
+    return problems
+
+
+def fsdp_arguments(cfg: FsdpConfig, *, gradient_checkpointing: bool) -> dict[str, Any]:
+    """`TrainingArguments` keywords for FSDP2 (empty when off): wrapping per decoder / encoder layer (the
+    model's `_no_split_modules`), FSDP's own activation checkpointing (HF's would all-gather twice in the
+    backward, transformers#30404), mixed precision from TrainingArguments' bf16/fp16."""
+    if not cfg.enabled:
+        return {}
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2,
+        "reshard_after_forward": cfg.reshard_after_forward,
+        "cpu_offload": cfg.cpu_offload,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": cfg.state_dict_type,
+        "cpu_ram_efficient_loading": cfg.cpu_ram_efficient_loading,
+        "activation_checkpointing": gradient_checkpointing,
+    }}
+
+
+def distributed_arguments(cfg: DeepSpeedConfig, fsdp: Optional[FsdpConfig] = None, *,
+                          gradient_checkpointing: bool = False) -> dict[str, Any]:
+    """`TrainingArguments` keywords for the launch: the DeepSpeed dict or FSDP2 settings, and CPU DDP (gloo)
+    when several ranks run without GPUs (accelerate only picks its multi-CPU mode when told `cpu`; a single
+    process is left alone)."""
     cpu_ranks = world_size() > 1 and not torch.cuda.is_available()
-    return {"deepspeed": deepspeed_config(cfg), "use_cpu": cpu_ranks}
+    out = {"deepspeed": deepspeed_config(cfg), "use_cpu": cpu_ranks}
+    if fsdp is not None:
+        out.update(fsdp_arguments(fsdp, gradient_checkpointing=gradient_checkpointing))
+    return out
+
+
+def gather_for_export(trainer) -> None:
+    """Before the final save under FSDP: gather full tensors so the exported adapter is one ordinary file
+    that loads anywhere (checkpoints stay sharded); PEFT's FSDP recipe does the same."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
 
 
 def _export_submitit_env() -> None:

@@ -28,6 +28,7 @@ from llava_train.train.callbacks import attach_callbacks
 from llava_train.train.distributed import (
     ShardReport,
     distributed_arguments,
+    gather_for_export,
     init_distributed,
     is_main_process,
     main_process_first,
@@ -59,7 +60,9 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor)
 
     args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
-    model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+    # under FSDP2 checkpointing is FSDP's own (fsdp_arguments), not the model's
+    checkpointing = cfg.trainer.gradient_checkpointing and not cfg.fsdp.enabled
+    model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=checkpointing,
                         zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
     preemption = Preemption(cfg.trainer.preemption_signals)
     shards = ShardReport()
@@ -80,6 +83,7 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
         return {"preempted": True, "checkpoint": preemption.checkpoint, "loss_history": losses}
 
     final = out / FINAL
+    gather_for_export(trainer)
     trainer.save_model(str(final))
     if is_main_process():
         processor.save_pretrained(str(final))
@@ -164,7 +168,7 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         seed=cfg.seed,
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
-        **distributed_arguments(cfg.deepspeed),
+        **distributed_arguments(cfg.deepspeed, cfg.fsdp, gradient_checkpointing=cfg.trainer.gradient_checkpointing),
         train_sampling_strategy=t.data_order,
     )
 

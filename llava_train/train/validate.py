@@ -12,7 +12,7 @@ from llava_train.data.templates import FAMILIES
 from llava_train.model.adapt import checkpoint_reentrant, target_problems
 from llava_train.model.load import DTYPES, checkpoint_config, meta_model, resolve_checkpoint
 from llava_train.model.quantize import AUTO_STORAGE, STORAGE_DTYPES, compute_dtype, skip_problems
-from llava_train.train.distributed import check_deepspeed
+from llava_train.train.distributed import check_deepspeed, check_fsdp
 from llava_train.train.resume import check_resume_settings
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -55,6 +55,7 @@ def check_train(cfg: TrainJobConfig) -> None:
         problems.append("optim.lr must be > 0")
     problems += model_problems(cfg)
     problems += check_deepspeed(cfg.deepspeed, cfg.peft) + check_resume_settings(cfg.trainer)
+    problems += check_fsdp(cfg.fsdp, cfg.deepspeed, cfg.peft)
     if problems:
         raise ConfigError(problems)
 

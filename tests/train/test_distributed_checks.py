@@ -125,3 +125,40 @@ def test_vision_keepalive_runs_vision_with_zero_effect(tiny_model):
     assert not called
     keep.remove()
     hook.remove()
+
+
+@pytest.mark.parametrize("name", ["full_shard", "full_shard_offload"])
+def test_fsdp2_group_renders_training_arguments(name, tmp_path):
+    """fsdp=full_shard renders FSDP2 settings that transformers' TrainingArguments accepts and hands to
+    accelerate's FSDP plugin (version 2, per-layer wrapping, FSDP's own activation checkpointing)."""
+    from transformers import TrainingArguments
+
+    from llava_train.train.distributed import distributed_arguments
+
+    cfg = _job([f"fsdp={name}", "trainer.gradient_checkpointing=true"])
+    kwargs = distributed_arguments(cfg.deepspeed, cfg.fsdp, gradient_checkpointing=True)
+    assert kwargs["deepspeed"] is None and kwargs["fsdp"] is True
+    fc = kwargs["fsdp_config"]
+    assert fc["version"] == 2 and fc["reshard_after_forward"] is True and fc["activation_checkpointing"] is True
+    assert fc["state_dict_type"] == "SHARDED_STATE_DICT" and fc["cpu_offload"] is (name == "full_shard_offload")
+    args = TrainingArguments(output_dir=str(tmp_path), **kwargs)
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin["activation_checkpointing"] is True and plugin["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert plugin.get("cpu_offload", False) is (name == "full_shard_offload")
+    assert distributed_arguments(_job([]).deepspeed, _job([]).fsdp) == {"deepspeed": None, "use_cpu": False}
+
+
+def test_fsdp2_refusals_listed_with_reasons():
+    from llava_train.train.distributed import check_fsdp
+
+    cfg = _job(["fsdp=full_shard", "deepspeed=zero3", "peft=qlora", "fsdp.state_dict_type=LOCAL"])
+    problems = check_fsdp(cfg.fsdp, cfg.deepspeed, cfg.peft)
+    text = "\n".join(problems)
+    assert "choose one engine" in text and "fsdp.state_dict_type='LOCAL'" in text
+    assert "bitsandbytes/issues/1945" in text and "deepspeed=zero3" in text  # QLoRA x FSDP2: reason + way out
+    if not torch.cuda.is_available():
+        assert "needs GPUs" in text and "MULTI_CPU" in text
+    assert check_fsdp(*[getattr(_job([]), k) for k in ("fsdp", "deepspeed", "peft")]) == []
+    lora = _job(["fsdp=full_shard", "peft=lora"])
+    assert [p for p in check_fsdp(lora.fsdp, lora.deepspeed, lora.peft) if "needs GPUs" not in p] == []
