@@ -156,8 +156,8 @@ class PeftConfig:
     quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
     double_quant: bool = True  # quantise the quantisation constants too (4-bit only)
     compute_dtype: str = ""  # fp32 | bf16 | fp16; empty: model.dtype
-    # Storage dtype of packed 4-bit weights. auto: model.dtype when weights are sharded (ZeRO-3), so they
-    # are partitioned like every other tensor; uint8 otherwise.
+    # Storage dtype of packed 4-bit weights. auto: model.dtype under ZeRO-3, so they are partitioned like
+    # every other tensor; uint8 otherwise.
     quant_storage: str = "auto"  # auto | uint8 | bf16 | fp16 | fp32
     # Kept in full precision, by FULL module-name prefix (transformers 5 does not match short names:
     # "vision_tower" would leave the CLIP tower quantised).

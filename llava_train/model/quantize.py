@@ -20,9 +20,9 @@ def compute_dtype(peft_cfg: PeftConfig, model_cfg: ModelConfig) -> str:
 
 
 def storage_dtype(peft_cfg: PeftConfig, model_cfg: ModelConfig, *, sharded: bool) -> str:
-    """peft.quant_storage resolved. `auto`: the model dtype when the weights are sharded (ZeRO-3, FSDP2),
-    so the packed 4-bit weights are partitioned like every other tensor of that dtype (PEFT's "QLoRA and
-    DeepSpeed with ZeRO3" / "QLoRA and FSDP" recipes, LLaMA-Factory's quantization.py); uint8 otherwise."""
+    """peft.quant_storage resolved. `auto`: the model dtype when the weights are sharded (ZeRO-3), so the
+    packed 4-bit weights are partitioned like every other tensor of that dtype (PEFT's "QLoRA and DeepSpeed
+    with ZeRO3" recipe, LLaMA-Factory's quantization.py); uint8 (bitsandbytes' default) otherwise."""
     if peft_cfg.quant_storage != AUTO_STORAGE:
         return peft_cfg.quant_storage
     return model_cfg.dtype if sharded else "uint8"
@@ -30,7 +30,7 @@ def storage_dtype(peft_cfg: PeftConfig, model_cfg: ModelConfig, *, sharded: bool
 
 def quantization_config(peft_cfg: PeftConfig, model_cfg: ModelConfig, *, sharded: bool = False):
     """The `BitsAndBytesConfig` for peft.method=qlora, else None. `sharded`: the weights will be partitioned
-    across ranks (ZeRO-3 / FSDP2), see `storage_dtype`."""
+    across ranks (ZeRO-3), see `storage_dtype`."""
     if peft_cfg.method != "qlora":
         return None
     from transformers import BitsAndBytesConfig
