@@ -202,8 +202,9 @@ class PeftConfig:
     quant_type: QuantType = QuantType.nf4  # nf4 | fp4 (4-bit only)
     double_quant: bool = True  # quantise the quantisation constants too (4-bit only)
     compute_dtype: Optional[DType] = None  # fp32 | bf16 | fp16; null: model.dtype
-    # Storage dtype of packed 4-bit weights: uint8, or the model dtype so ZeRO-3 can shard them.
-    quant_storage: QuantStorage = QuantStorage.uint8
+    # Storage dtype of packed 4-bit weights. auto: model.dtype under ZeRO-3 / FSDP2, so they are partitioned
+    # like every other tensor; uint8 otherwise.
+    quant_storage: QuantStorage = QuantStorage.auto
     # Kept in full precision, by FULL module-name prefix (transformers 5 does not match short names,
     # huggingface/transformers#42455:
     # "vision_tower" would leave the CLIP tower quantised).
@@ -271,11 +272,32 @@ class DeepSpeedConfig:
     stage: int = 0  # 0 (off) | 2 | 3
     offload_optimizer: bool = False  # optimizer state and step on the CPU (ZeRO-Offload)
     offload_param: bool = False  # ZeRO-3 only: parameters on the CPU between uses
+    # With offload_optimizer: step with DeepSpeed's compiled CPU Adam (AdamW; the op is built on first use,
+    # ~2.5 CPU-minutes, then cached). false: the torch optimizer steps the offloaded state (slower).
+    cpu_adam: bool = True
     overlap_comm: bool = False  # overlap gradient reduction with backward (useful on GPUs)
     # ZeRO-3: gather the partitioned weights into 16-bit full tensors when saving (needed for adapters).
     gather_16bit_weights_on_model_save: bool = True
     # ZeRO-3: parameters smaller than this stay whole on every rank. None: "auto" (10 x hidden size).
     param_persistence_threshold: Optional[int] = None
+
+
+@dataclass
+class FsdpConfig:
+    """PyTorch FSDP2 through HF Trainer / accelerate: the second sharding engine (instead of DeepSpeed; GPUs
+    only). Rendered by llava_train.train.distributed.fsdp_arguments; mixed precision follows model.dtype and
+    activation checkpointing follows trainer.gradient_checkpointing (FSDP's own, applied per decoder layer)."""
+
+    enabled: bool = False
+    # true: full shard (parameters re-sharded after forward, like ZeRO-3); false: kept gathered until the
+    # backward (fewer all-gathers, more memory, like ZeRO-2).
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # parameters, gradients and optimizer step on the CPU
+    # Checkpoints: SHARDED_STATE_DICT (one file per rank, fast) | FULL_STATE_DICT. The final adapter is
+    # always gathered into one full file.
+    state_dict_type: str = "SHARDED_STATE_DICT"
+    # Rank 0 reads the checkpoint, the others start empty and receive the weights by broadcast.
+    cpu_ram_efficient_loading: bool = True
 
 
 @dataclass
@@ -350,6 +372,7 @@ class TrainJobConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -39,6 +39,8 @@ def save_unsaved_trainables(model, folder: str, *, write: bool = True) -> list[s
 
             with deepspeed.zero.GatheredParameters([p]):
                 tensors[name] = p.detach().clone().cpu()
+        elif hasattr(p, "full_tensor"):  # FSDP2 shard (a DTensor): all-gather (collective, every rank)
+            tensors[name] = p.detach().full_tensor().clone().cpu()
         else:
             tensors[name] = p.detach().clone().cpu()
     path = os.path.join(folder, ADAPTER_WEIGHTS)

@@ -8,6 +8,7 @@ import torch
 from llava_train.config import ModelConfig, PeftConfig
 
 STORAGE_DTYPES = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AUTO_STORAGE = "auto"
 # The parts of LlavaNext that must stay unquantised (trained fully or LoRA'd in full precision).
 MUST_SKIP = ("model.vision_tower", "model.multi_modal_projector")
 
@@ -16,8 +17,18 @@ def compute_dtype(peft_cfg: PeftConfig, model_cfg: ModelConfig) -> str:
     return peft_cfg.compute_dtype or model_cfg.dtype
 
 
-def quantization_config(peft_cfg: PeftConfig, model_cfg: ModelConfig):
-    """The `BitsAndBytesConfig` for peft.method=qlora, else None."""
+def storage_dtype(peft_cfg: PeftConfig, model_cfg: ModelConfig, *, sharded: bool) -> str:
+    """peft.quant_storage resolved. `auto`: the model dtype when the weights are sharded (ZeRO-3), so the
+    packed 4-bit weights are partitioned like every other tensor of that dtype (PEFT's "QLoRA and DeepSpeed
+    with ZeRO3" recipe, LLaMA-Factory's quantization.py); uint8 (bitsandbytes' default) otherwise."""
+    if peft_cfg.quant_storage != AUTO_STORAGE:
+        return peft_cfg.quant_storage
+    return model_cfg.dtype if sharded else "uint8"
+
+
+def quantization_config(peft_cfg: PeftConfig, model_cfg: ModelConfig, *, sharded: bool = False):
+    """The `BitsAndBytesConfig` for peft.method=qlora, else None. `sharded`: the weights will be partitioned
+    across ranks (ZeRO-3), see `storage_dtype`."""
     if peft_cfg.method != "qlora":
         return None
     from transformers import BitsAndBytesConfig
@@ -32,7 +43,7 @@ def quantization_config(peft_cfg: PeftConfig, model_cfg: ModelConfig):
         bnb_4bit_quant_type=peft_cfg.quant_type,
         bnb_4bit_use_double_quant=peft_cfg.double_quant,
         bnb_4bit_compute_dtype=DTYPES[compute_dtype(peft_cfg, model_cfg)],
-        bnb_4bit_quant_storage=STORAGE_DTYPES[peft_cfg.quant_storage],
+        bnb_4bit_quant_storage=STORAGE_DTYPES[storage_dtype(peft_cfg, model_cfg, sharded=sharded)],
         llm_int8_skip_modules=skip,
     )
 
@@ -64,3 +75,19 @@ def is_quantized_linear(module: torch.nn.Module) -> str:
     if isinstance(module, bnb.nn.Linear8bitLt):
         return "8bit"
     return ""
+
+
+def quantized_bytes(param) -> tuple[int, list[torch.Tensor]]:
+    """(packed 4-bit weight bytes, quantisation-state tensors) of a bitsandbytes 4-bit weight, (0, []) for
+    anything else. The packed bytes are half the logical element count whatever the storage dtype; the
+    state (per-block absmax; with double quantisation the nested absmax, and the code tables) is a Python
+    attribute of the parameter, so ZeRO-3 does not partition it: every rank holds all of it."""
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return 0, []
+    tensors = [state.absmax, state.code]
+    if getattr(state, "state2", None) is not None:
+        tensors += [state.state2.absmax, state.state2.code]
+    numel = getattr(param, "ds_numel", None)  # a ZeRO-3 parameter's own data is its (maybe empty) shard
+    numel = param.numel() if numel is None else numel
+    return numel * param.element_size(), [t for t in tensors if isinstance(t, torch.Tensor)]

@@ -15,8 +15,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
-from llava_train.config import DeepSpeedConfig, PeftConfig
+from llava_train.config import DeepSpeedConfig, FsdpConfig, PeftConfig
 from llava_train.constants import PIXEL_VALUES
 
 AUTO = "auto"
@@ -37,14 +38,6 @@ def is_main_process() -> bool:
 def check_deepspeed(cfg: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
     """Problems with the DeepSpeed settings (collected by validate.check_train, before any weights load)."""
     problems = []
-    if cfg.stage == 3 and peft.method == "qlora":
-        problems.append(
-            "peft.method=qlora with deepspeed.stage=3 is refused: ZeRO-3 partitions every parameter by "
-            "flattening it into the compute-dtype buffer it shards across ranks, and bitsandbytes' packed 4-bit "
-            "weights (uint8 storage plus per-block quantisation state) only survive that when stored in the "
-            "compute dtype (bnb_4bit_quant_storage), which llava-train does not set up or test yet; without it "
-            "the run fails or trains on corrupt weights. Use QLoRA with deepspeed=zero2 or deepspeed=none "
-            "(DDP), or peft=lora with deepspeed=zero3")
     if cfg.stage not in (0, 2, 3):
         problems.append(f"deepspeed.stage={cfg.stage}: use 0 (off), 2 or 3")
     if cfg.offload_param and cfg.stage != 3:
@@ -93,19 +86,84 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> Optional[dict[str, Any]]:
         "steps_per_print": 10**9,  # the Trainer logs; DeepSpeed's own step printing is noise
         "wall_clock_breakdown": False,
     }
-    if cfg.offload_optimizer:
-        # The Trainer's torch optimizer (per-module learning rates) steps on the offloaded fp32 state;
-        # DeepSpeed otherwise insists on its own compiled CPU Adam.
+    if cfg.offload_optimizer and not cfg.cpu_adam:
+        # the torch optimizer steps on the offloaded fp32 state (DeepSpeed otherwise insists on its CPU Adam)
         out["zero_force_ds_cpu_optimizer"] = False
     return out
 
 
-def distributed_arguments(cfg: DeepSpeedConfig) -> dict[str, Any]:
-    """`TrainingArguments` keywords for the launch: the DeepSpeed dict, and CPU DDP (gloo) when several
-    ranks run without GPUs (accelerate only picks its multi-CPU mode when told `cpu`; a single process is
-    left alone)."""
+def uses_cpu_adam(ds_config: Optional[dict[str, Any]]) -> bool:
+    """Whether a rendered DeepSpeed config wants DeepSpeed's CPU Adam (optimizer offloaded, not opted out):
+    `LlavaTrainer.create_optimizer` then builds it over the same per-module parameter groups."""
+    if not ds_config:
+        return False
+    offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return offload in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer", True)
+
+
+FSDP_STATE_DICTS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+
+
+def check_fsdp(cfg: FsdpConfig, ds: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
+    """Problems with the FSDP2 settings (collected by validate.check_train, before any weights load)."""
+    if not cfg.enabled:
+        return []
+    problems = []
+    if ds.stage > 0:
+        problems.append(f"fsdp.enabled with deepspeed.stage={ds.stage}: both shard the model, choose one engine "
+                        "(fsdp=full_shard deepspeed=none, or fsdp=none)")
+    if peft.method == "qlora":
+        problems.append(
+            "peft.method=qlora with FSDP2 is refused: fully_shard turns each bitsandbytes Params4bit into a plain "
+            "DTensor shard, and its parameter swap is reported to canonicalise the NaN bit patterns that packed "
+            "4-bit codes stored in a float dtype happen to form, so the 4-bit matmul decodes wrong weights "
+            "(https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1945, open; FSDP2 QLoRA in "
+            "accelerate: https://github.com/huggingface/accelerate/issues/3874, open). Shard QLoRA with "
+            "deepspeed=zero3 (tested), or use peft=lora with FSDP2")
+    if cfg.state_dict_type not in FSDP_STATE_DICTS:
+        problems.append(f"fsdp.state_dict_type={cfg.state_dict_type!r}: use one of {list(FSDP_STATE_DICTS)}")
+    if not torch.cuda.is_available():
+        problems.append(
+            "fsdp.enabled needs GPUs: accelerate turns FSDP on only for accelerator ranks (accelerate/state.py: "
+            "MULTI_GPU/XPU/NPU/..., never MULTI_CPU), so CPU ranks would silently train as plain DDP. "
+            "On CPU shard with deepspeed=zero3")
+    return problems
+
+
+def fsdp_arguments(cfg: FsdpConfig, *, gradient_checkpointing: bool) -> dict[str, Any]:
+    """`TrainingArguments` keywords for FSDP2 (empty when off): wrapping per decoder / encoder layer (the
+    model's `_no_split_modules`), FSDP's own activation checkpointing (HF's would all-gather twice in the
+    backward, transformers#30404), mixed precision from TrainingArguments' bf16/fp16."""
+    if not cfg.enabled:
+        return {}
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2,
+        "reshard_after_forward": cfg.reshard_after_forward,
+        "cpu_offload": cfg.cpu_offload,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": cfg.state_dict_type,
+        "cpu_ram_efficient_loading": cfg.cpu_ram_efficient_loading,
+        "activation_checkpointing": gradient_checkpointing,
+    }}
+
+
+def distributed_arguments(cfg: DeepSpeedConfig, fsdp: Optional[FsdpConfig] = None, *,
+                          gradient_checkpointing: bool = False) -> dict[str, Any]:
+    """`TrainingArguments` keywords for the launch: the DeepSpeed dict or FSDP2 settings, and CPU DDP (gloo)
+    when several ranks run without GPUs (accelerate only picks its multi-CPU mode when told `cpu`; a single
+    process is left alone)."""
     cpu_ranks = world_size() > 1 and not torch.cuda.is_available()
-    return {"deepspeed": deepspeed_config(cfg), "use_cpu": cpu_ranks}
+    out = {"deepspeed": deepspeed_config(cfg), "use_cpu": cpu_ranks}
+    if fsdp is not None:
+        out.update(fsdp_arguments(fsdp, gradient_checkpointing=gradient_checkpointing))
+    return out
+
+
+def gather_for_export(trainer) -> None:
+    """Before the final save under FSDP: gather full tensors so the exported adapter is one ordinary file
+    that loads anywhere (checkpoints stay sharded); PEFT's FSDP recipe does the same."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
 
 
 def _export_submitit_env() -> None:
@@ -220,3 +278,57 @@ class VisionKeepAlive:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def shard_summary(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """What this rank holds of the weights ZeRO-3 partitioned, split into bitsandbytes 4-bit weights and the
+    rest: {"4bit"|"other": {tensors, sharded, bytes, local_bytes}} (+ "quant_state_bytes" for 4-bit, held
+    whole on every rank). Persistent parameters (below deepspeed.param_persistence_threshold) stay whole.
+    Empty when nothing is partitioned (not ZeRO-3)."""
+    from llava_train.model.quantize import quantized_bytes
+
+    out: dict[str, dict[str, int]] = {}
+    seen_state: set[int] = set()  # code tables can be shared between weights: count each tensor once
+    for p in model.parameters():
+        if not hasattr(p, "ds_id"):
+            continue
+        packed, state = quantized_bytes(p)
+        row = out.setdefault("4bit" if packed else "other",
+                             {"tensors": 0, "sharded": 0, "bytes": 0, "local_bytes": 0, "quant_state_bytes": 0})
+        for t in state:
+            if t.data_ptr() not in seen_state:
+                seen_state.add(t.data_ptr())
+                row["quant_state_bytes"] += t.numel() * t.element_size()
+        full = p.ds_numel * p.ds_tensor.element_size()
+        row["tensors"] += 1
+        row["bytes"] += full
+        if p.ds_persist:
+            row["local_bytes"] += full
+        else:
+            row["sharded"] += 1
+            row["local_bytes"] += p.ds_tensor.numel() * p.ds_tensor.element_size()
+    return out
+
+
+def describe_shards(summary: dict[str, dict[str, int]]) -> str:
+    lines = [f"ZeRO-3 partitioned weights, rank {rank()} of {world_size()}:"]
+    for kind, r in summary.items():
+        line = (f"  {kind + ' weights':<14} {r['sharded']}/{r['tensors']} tensors sharded, "
+                f"{r['local_bytes']:,} of {r['bytes']:,} bytes on this rank")
+        if r["quant_state_bytes"]:
+            line += f" (+ {r['quant_state_bytes']:,} bytes of quantisation state, whole on every rank)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+class ShardReport(TrainerCallback):
+    """At the start of training (after DeepSpeed partitioned the model) print what rank 0 holds, and keep it
+    for metrics.json: the check that 4-bit QLoRA weights are really sharded under ZeRO-3."""
+
+    def __init__(self):
+        self.summary: dict[str, dict[str, int]] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.summary = shard_summary(model) if model is not None else {}
+        if self.summary and is_main_process():
+            print(describe_shards(self.summary), flush=True)

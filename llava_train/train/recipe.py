@@ -30,7 +30,9 @@ from llava_train.model.quantize import quantization_config
 from llava_train.model.summary import describe
 from llava_train.train.callbacks import attach_callbacks, in_training_eval_set, report_to, run_name
 from llava_train.train.distributed import (
+    ShardReport,
     distributed_arguments,
+    gather_for_export,
     init_distributed,
     is_main_process,
     main_process_first,
@@ -82,12 +84,15 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
                                        batch_size=cfg.trainer.per_device_train_batch_size, seed=cfg.seed)
 
     args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
-    model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+    # under FSDP2 checkpointing is FSDP's own (fsdp_arguments), not the model's
+    checkpointing = cfg.trainer.gradient_checkpointing and not cfg.fsdp.enabled
+    model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=checkpointing,
                         zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
     set_generation_stop(model.generation_config, processor.tokenizer, get_family(cfg.model.family))
     preemption = Preemption(cfg.trainer.preemption_signals)
-    trainer = build_trainer(cfg, model, train_ds, processor, out, args=args, callbacks=[preemption, *callbacks],
-                            eval_ds=eval_ds, identity=identity)
+    shards = ShardReport()
+    trainer = build_trainer(cfg, model, train_ds, processor, out, args=args,
+                            callbacks=[preemption, shards, *callbacks], eval_ds=eval_ds, identity=identity)
     tracking = attach_callbacks(trainer, cfg, eval_ds, processor.tokenizer, out)
     resume_from = claim.resume
     if resume_from:
@@ -103,6 +108,7 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
         teardown()
         return {"preempted": True, "checkpoint": preemption.checkpoint, "loss_history": losses}
 
+    gather_for_export(trainer)
     trainer.save_final(out / FINAL, processor)
 
     skipped = train_ds.skipped  # at start and at fetch (pixels that failed to decode), all workers
@@ -120,6 +126,8 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
         "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
         "world_size": args.world_size,
     }
+    if shards.summary:
+        results["zero3_shards_rank0"] = shards.summary
     if eval_ds is not None and cfg.eval.enabled:
         # every rank generates (ZeRO-3 gathers weights collectively); rank 0 writes
         results.update(evaluate(trainer.model, eval_ds, processor.tokenizer, cfg, out if is_main_process() else None))
@@ -160,7 +168,8 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor, *, batch_
 
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *,
                 gradient_checkpointing: bool = False, zero_stage: int = 0, seed=None):
-    model = load_model(model_cfg, checkpoint, quantization_config=quantization_config(peft_cfg, model_cfg))
+    quantization = quantization_config(peft_cfg, model_cfg, sharded=zero_stage == 3)
+    model = load_model(model_cfg, checkpoint, quantization_config=quantization)
     if seed is not None:
         # adapter init from the seed alone: loading draws random numbers under ZeRO-3's partitioned init
         # (and when the tiny base is materialised) but not otherwise
@@ -200,7 +209,7 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
         train_sampling_strategy=str(t.data_order),
-        **distributed_arguments(cfg.deepspeed),
+        **distributed_arguments(cfg.deepspeed, cfg.fsdp, gradient_checkpointing=cfg.trainer.gradient_checkpointing),
         ignore_data_skip=cfg.data.streaming or t.ignore_data_skip,  # a stream resumes itself (its saved state)
     )
     return TrainingArguments(**kwargs)

@@ -17,7 +17,7 @@ from llava_train.data.streaming import StreamingDataset, StreamingLoader
 from llava_train.files import publish, remove_staging
 from llava_train.model.adapter_files import save_unsaved_trainables
 from llava_train.model.param_groups import param_groups
-from llava_train.train.distributed import VisionKeepAlive
+from llava_train.train.distributed import VisionKeepAlive, uses_cpu_adam
 from llava_train.train.identity import STAGING, RunIdentity
 from llava_train.train.loss import sparse_inputs, trained_token_loss
 from llava_train.train.resume import ignore_signals_in_worker, seal
@@ -97,7 +97,17 @@ class LlavaTrainer(Trainer):
             opt_model = self.model if model is None else model
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             kwargs.pop("lr", None)
-            self.optimizer = cls(param_groups(opt_model, self.optim_cfg), **kwargs)
+            if self.is_deepspeed_enabled and uses_cpu_adam(self.args.hf_deepspeed_config.config):
+                # ZeRO-Offload: DeepSpeed's compiled CPU Adam (AdamW) steps the offloaded fp32 state
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                cls, kwargs = DeepSpeedCPUAdam, {"betas": kwargs.get("betas", (0.9, 0.999)),
+                                                 "eps": kwargs.get("eps", 1e-8), "adamw_mode": True}
+            groups = param_groups(opt_model, self.optim_cfg)
+            self.optimizer = cls(groups, **kwargs)
+            if self.is_world_process_zero():
+                names = ", ".join(f"{g['name']} (lr {g['lr']:g})" for g in groups)
+                print(f"optimizer: {cls.__name__}, groups: {names}", flush=True)
         return self.optimizer
 
     # --- atomic checkpoints: HF writes into a staging folder; rank 0 seals and renames it into place ------

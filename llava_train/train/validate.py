@@ -17,7 +17,7 @@ from llava_train.model.load import checkpoint_config, meta_model, resolve_checkp
 from llava_train.model.quantize import skip_problems
 from llava_train.model.targets import target_problems
 from llava_train.resources import DEMO_DATA
-from llava_train.train.distributed import check_deepspeed
+from llava_train.train.distributed import check_deepspeed, check_fsdp
 from llava_train.train.resume import check_resume_settings
 
 
@@ -60,6 +60,7 @@ def check_train(cfg: TrainJobConfig) -> None:
                         "eval split: set data.eval_path (or trainer.eval_strategy=no)")
     problems += model_problems(cfg)
     problems += check_deepspeed(cfg.deepspeed, cfg.peft) + check_resume_settings(cfg.trainer)
+    problems += check_fsdp(cfg.fsdp, cfg.deepspeed, cfg.peft)
     if problems:
         raise ConfigError(problems)
 
@@ -154,7 +155,13 @@ def _qlora_problems(cfg: TrainJobConfig) -> list[str]:
         problems.append("peft.method=qlora needs bitsandbytes (pip install bitsandbytes)")
     if p.bits not in (4, 8):
         problems.append(f"peft.bits={p.bits}: use 4 or 8")
-    if p.bits == 8 and ds.stage > 0:
+    if p.bits == 8 and ds.stage == 3:
+        # bitsandbytes 0.50 Linear8bitLt.forward: `self.weight.data = self.state.CB` after every forward
+        problems.append("peft.bits=8 (LLM.int8) with deepspeed.stage=3 is refused: bitsandbytes' Linear8bitLt keeps "
+                        "the whole int8 weight in its matmul state (state.CB) and writes it back into the parameter "
+                        "after every forward, so ZeRO-3 cannot shard it (every rank holds the full 8-bit model). "
+                        "Use 4-bit QLoRA (peft=qlora: its packed weights are sharded) or deepspeed=none")
+    elif p.bits == 8 and ds.stage > 0:
         problems.append(f"peft.bits=8 (LLM.int8) does not work with DeepSpeed (deepspeed.stage={ds.stage}): "
                         "use 4-bit QLoRA or deepspeed=none")
     return problems

@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 
 from llava_train.cli import CONFIG_DIR
 from llava_train.config import DeepSpeedConfig
-from llava_train.train.distributed import VisionKeepAlive, deepspeed_config
+from llava_train.model.quantize import quantization_config
+from llava_train.train.distributed import VisionKeepAlive, deepspeed_config, uses_cpu_adam
 from llava_train.train.validate import ConfigError, check_train
 
 
@@ -47,14 +48,36 @@ def test_deepspeed_auto_values_filled_by_trainer(tmp_path):
     assert cfg["train_batch_size"] == 6 and cfg["gradient_clipping"] == 0.5
 
 
-def test_qlora_with_zero3_refused_up_front_with_reason():
-    cfg = _job(["deepspeed=zero3", "peft.method=qlora", "data.train_path=/nonexistent.json"])
+def test_qlora_with_zero3_accepted_and_8bit_refused_with_reason():
+    cfg = _job(["deepspeed=zero3", "peft=qlora", "data.train_path=/nonexistent.json"])
     with pytest.raises(ConfigError) as err:
         check_train(cfg)  # before any weights load
-    msg = [p for p in err.value.problems if "qlora" in p and "deepspeed.stage=3" in p]
-    assert msg, err.value.problems
-    assert "4-bit" in msg[0] and "deepspeed=zero2" in msg[0]  # the reason and what to do instead
-    assert any("data.train_path" in p for p in err.value.problems)  # reported together with the rest
+    assert [p for p in err.value.problems if "data.train_path" in p] == err.value.problems  # QLoRA x ZeRO-3 is fine
+    cfg = _job(["deepspeed=zero3", "peft=qlora_8bit", "data.train_path=/nonexistent.json"])
+    with pytest.raises(ConfigError) as err:
+        check_train(cfg)
+    msg = [p for p in err.value.problems if "peft.bits=8" in p]
+    assert msg and "deepspeed.stage=3" in msg[0] and "4-bit" in msg[0], err.value.problems
+
+
+@pytest.mark.parametrize("dtype,storage,sharded,expected", [
+    ("fp32", "auto", True, torch.float32), ("bf16", "auto", True, torch.bfloat16),
+    ("bf16", "auto", False, torch.uint8), ("fp32", "bf16", True, torch.bfloat16)])
+def test_quant_storage_auto_is_model_dtype_when_sharded(dtype, storage, sharded, expected):
+    """PEFT's "QLoRA with ZeRO-3 / FSDP" recipe: packed 4-bit weights stored in the dtype of every other
+    weight, so they are partitioned like them; uint8 (bitsandbytes' default) when nothing is sharded."""
+    cfg = _job(["peft=qlora", f"model.dtype={dtype}", f"peft.quant_storage={storage}"])
+    q = quantization_config(cfg.peft, cfg.model, sharded=sharded)
+    assert q.bnb_4bit_quant_storage == expected and q.load_in_4bit
+    assert q.llm_int8_skip_modules == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def test_offload_uses_deepspeed_cpu_adam_unless_opted_out():
+    ds = _job(["deepspeed=zero3_offload"]).deepspeed
+    assert uses_cpu_adam(deepspeed_config(ds)) and "zero_force_ds_cpu_optimizer" not in deepspeed_config(ds)
+    ds.cpu_adam = False
+    assert not uses_cpu_adam(deepspeed_config(ds)) and deepspeed_config(ds)["zero_force_ds_cpu_optimizer"] is False
+    assert not uses_cpu_adam(deepspeed_config(_job(["deepspeed=zero3"]).deepspeed)) and not uses_cpu_adam(None)
 
 
 def test_bad_scale_out_settings_all_listed():
@@ -104,3 +127,40 @@ def test_vision_keepalive_runs_vision_with_zero_effect(tiny_model):
     assert not called
     keep.remove()
     hook.remove()
+
+
+@pytest.mark.parametrize("name", ["full_shard", "full_shard_offload"])
+def test_fsdp2_group_renders_training_arguments(name, tmp_path):
+    """fsdp=full_shard renders FSDP2 settings that transformers' TrainingArguments accepts and hands to
+    accelerate's FSDP plugin (version 2, per-layer wrapping, FSDP's own activation checkpointing)."""
+    from transformers import TrainingArguments
+
+    from llava_train.train.distributed import distributed_arguments
+
+    cfg = _job([f"fsdp={name}", "trainer.gradient_checkpointing=true"])
+    kwargs = distributed_arguments(cfg.deepspeed, cfg.fsdp, gradient_checkpointing=True)
+    assert kwargs["deepspeed"] is None and kwargs["fsdp"] is True
+    fc = kwargs["fsdp_config"]
+    assert fc["version"] == 2 and fc["reshard_after_forward"] is True and fc["activation_checkpointing"] is True
+    assert fc["state_dict_type"] == "SHARDED_STATE_DICT" and fc["cpu_offload"] is (name == "full_shard_offload")
+    args = TrainingArguments(output_dir=str(tmp_path), **kwargs)
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin["activation_checkpointing"] is True and plugin["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert plugin.get("cpu_offload", False) is (name == "full_shard_offload")
+    assert distributed_arguments(_job([]).deepspeed, _job([]).fsdp) == {"deepspeed": None, "use_cpu": False}
+
+
+def test_fsdp2_refusals_listed_with_reasons():
+    from llava_train.train.distributed import check_fsdp
+
+    cfg = _job(["fsdp=full_shard", "deepspeed=zero3", "peft=qlora", "fsdp.state_dict_type=LOCAL"])
+    problems = check_fsdp(cfg.fsdp, cfg.deepspeed, cfg.peft)
+    text = "\n".join(problems)
+    assert "choose one engine" in text and "fsdp.state_dict_type='LOCAL'" in text
+    assert "bitsandbytes/issues/1945" in text and "deepspeed=zero3" in text  # QLoRA x FSDP2: reason + way out
+    if not torch.cuda.is_available():
+        assert "needs GPUs" in text and "MULTI_CPU" in text
+    assert check_fsdp(*[getattr(_job([]), k) for k in ("fsdp", "deepspeed", "peft")]) == []
+    lora = _job(["fsdp=full_shard", "peft=lora"])
+    assert [p for p in check_fsdp(lora.fsdp, lora.deepspeed, lora.peft) if "needs GPUs" not in p] == []

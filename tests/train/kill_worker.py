@@ -1,0 +1,31 @@
+"""`llava train` under a multi-rank launcher, plus one callback: once checkpoint STEP is sealed, rank 0
+SIGKILLs its whole process group (the launcher and every rank) - a node failure, not a clean stop.
+
+    deepspeed --num_gpus 2 --no_local_rank tests/train/kill_worker.py STEP OUTPUT_DIR OVERRIDE...
+"""
+
+import os
+import signal
+import sys
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import TrainerCallback
+
+from llava_train.cli import CONFIG_DIR
+from llava_train.train.recipe import run
+
+step, out, *overrides = sys.argv[1:]
+
+
+class KillAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        # runs after CheckpointSealer (the recipe's callbacks come first): every rank has written and the
+        # checkpoint is sealed
+        if state.global_step == int(step) and state.is_world_process_zero:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    cfg = OmegaConf.to_object(compose("train", overrides=overrides))
+run(cfg, out, callbacks=[KillAfterSave()])
