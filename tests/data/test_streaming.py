@@ -116,21 +116,22 @@ def test_llava_train_streams_and_resumes(shards, tmp_path):
 
     from conftest import REPO
 
-    def train(steps):
+    def train(steps, job="job", *extra):
         proc = subprocess.run(
-            [sys.executable, "-m", "llava_train", "train", f"output_dir={tmp_path}/job", f"data.train_path={shards}",
+            [sys.executable, "-m", "llava_train", "train", f"output_dir={tmp_path}/{job}", f"data.train_path={shards}",
              "data.streaming=true", "data.on_error=skip", "data.eval_path=null", "data.num_workers=2",
              "data.stream_shuffle_buffer=4", f"trainer.max_steps={steps}", "trainer.save_steps=2",
-             "trainer.per_device_train_batch_size=2", "trainer.resume=auto", "model=tiny", "peft=lora",
-             "trainer.disable_tqdm=true", "eval.enabled=false"],
+             "trainer.per_device_train_batch_size=2", "model=tiny", "peft=lora",
+             "trainer.disable_tqdm=true", "eval.enabled=false", *extra],
             cwd=REPO, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    def consumed(step):
-        state = json.loads((tmp_path / "job" / f"checkpoint-{step}" / "stream_state_rank0.json").read_text())
+    def consumed(step, job="job"):
+        state = json.loads((tmp_path / job / f"checkpoint-{step}" / "stream_state_rank0.json").read_text())
         return sum(state["consumed"].values())
 
     train(4)
     assert consumed(2) == 2 and consumed(4) == 4
-    train(6)  # resumes from checkpoint-4
-    assert consumed(6) == 6
+    # continued for longer (another max_steps: another run's checkpoint, so named explicitly)
+    train(6, "longer", f"trainer.resume={tmp_path}/job/checkpoint-4", "trainer.resume_other_run=true")
+    assert consumed(6, "longer") == 6

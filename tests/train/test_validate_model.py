@@ -146,5 +146,6 @@ def test_every_problem_in_one_error(config_only, monkeypatch):
 
 
 def test_unreadable_checkpoint_reported(tmp_path):
-    job = _job(str(tmp_path / "no-such-checkpoint"))
+    (tmp_path / "not-a-checkpoint").mkdir()  # a folder without config.json (a missing one: test_validate_values)
+    job = _job(str(tmp_path / "not-a-checkpoint"))
     _one(job, "cannot read its config.json")
