@@ -46,6 +46,7 @@ OWNED = {
     "use_cpu": "nothing: set by the launch (CPU ranks)",
     "parallelism_config": "nothing: not expressible as a config value",
     "local_rank": "nothing: set by the launcher",
+    "hub_token": "HF_TOKEN or `hf auth login` (a token never goes into config.yaml or a tracker)",
 }
 
 _PLAIN = (str, int, float, bool)
