@@ -203,16 +203,25 @@ def has_image_flags(dataset) -> Optional[list[bool]]:
     return None
 
 
+def pad_multiple(cfg) -> int:
+    """`data.pad_to_multiple_of`, or its default: 8 on a CUDA GPU (tensor-core tiles), 1 on CPU."""
+    if cfg.pad_to_multiple_of is not None:
+        return cfg.pad_to_multiple_of
+    import torch
+
+    return 8 if torch.cuda.is_available() else 1
+
+
 def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: int, seed: int):
     """(collator, batch sampler or None) for a `DataConfig`: the one place the batching keys are read."""
     from llava_train.data.collate import Collator
     from llava_train.data.packing import PackingCollator
 
+    multiple = pad_multiple(cfg)
     if cfg.packing:
-        collator = PackingCollator(pad_token_id=pad_token_id, max_length=cfg.max_length,
-                                   pad_to_multiple_of=cfg.pad_to_multiple_of)
+        collator = PackingCollator(pad_token_id=pad_token_id, max_length=cfg.max_length, pad_to_multiple_of=multiple)
     else:
-        collator = Collator(pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
+        collator = Collator(pad_token_id=pad_token_id, pad_to_multiple_of=multiple)
     if not (cfg.packing or cfg.group_by_length or cfg.group_by_modality or cfg.max_tokens_per_batch):
         return collator, None  # HF Trainer's random sampler
     spec = PlanSpec(batch_size=batch_size, group_by_length=cfg.group_by_length,
@@ -232,7 +241,7 @@ def batching_problems(cfg) -> list[str]:
     if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < cfg.max_length:
         problems.append(f"data.max_tokens_per_batch={cfg.max_tokens_per_batch} is below data.max_length="
                         f"{cfg.max_length}: a long sample could not form a batch; raise it")
-    if cfg.pad_to_multiple_of < 1:
+    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
         problems.append("data.pad_to_multiple_of must be >= 1")
     if cfg.group_window < 1:
         problems.append("data.group_window must be >= 1")

@@ -57,6 +57,8 @@ def check_deepspeed(cfg: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
         problems.append("deepspeed.offload_param needs deepspeed.stage=3")
     if cfg.offload_optimizer and cfg.stage == 0:
         problems.append("deepspeed.offload_optimizer needs deepspeed.stage=2 or 3")
+    if cfg.cpu_adam and not cfg.offload_optimizer:
+        problems.append("deepspeed.cpu_adam steps an offloaded optimizer state: also set deepspeed.offload_optimizer=true")
     return problems
 
 
@@ -71,7 +73,7 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> Optional[dict[str, Any]]:
         return None
     zero: dict[str, Any] = {
         "stage": cfg.stage,
-        "overlap_comm": cfg.overlap_comm,
+        "overlap_comm": torch.cuda.is_available() if cfg.overlap_comm is None else cfg.overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": AUTO,
     }
@@ -99,11 +101,18 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> Optional[dict[str, Any]]:
         "steps_per_print": 10**9,  # the Trainer logs; DeepSpeed's own step printing is noise
         "wall_clock_breakdown": False,
     }
-    if cfg.offload_optimizer:
+    if cfg.offload_optimizer and not use_cpu_adam(cfg):
         # The Trainer's torch optimizer (per-module learning rates) steps on the offloaded fp32 state;
         # DeepSpeed otherwise insists on its own compiled CPU Adam.
         out["zero_force_ds_cpu_optimizer"] = False
     return out
+
+
+def use_cpu_adam(cfg: DeepSpeedConfig) -> bool:
+    """DeepSpeed's CPU Adam steps the offloaded optimizer state (LlavaTrainer.create_optimizer builds it)."""
+    if not cfg.offload_optimizer or cfg.stage == 0:
+        return False
+    return torch.cuda.is_available() if cfg.cpu_adam is None else cfg.cpu_adam
 
 
 def distributed_arguments(cfg: DeepSpeedConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from llava_train.evaluate.generate import generate_predictions, metrics
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant, describe
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint
 from llava_train.model.quantize import quantization_config
+from llava_train.model.speed import apply_liger, compile_language_layers, resolve_tf32
 from llava_train.train.callbacks import attach_callbacks
 from llava_train.train.distributed import (
     distributed_arguments,
@@ -59,7 +60,9 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
 
     args = training_arguments(cfg, out)  # before the model: under ZeRO-3 it is built partitioned
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
-                        zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
+                        zero_stage=cfg.deepspeed.stage, seed=cfg.seed,
+                        checkpoint_every_n_layers=cfg.trainer.checkpoint_every_n_layers,
+                        offload_checkpoints=cfg.trainer.activation_offloading)
     preemption = Preemption(cfg.trainer.preemption_signals)
     trainer, losses = build_trainer(cfg, model, train_ds, processor, out, args=args,
                                     callbacks=[CheckpointSealer(), preemption, *callbacks])
@@ -119,14 +122,21 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor):
 
 
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *,
-                gradient_checkpointing: bool = False, zero_stage: int = 0, seed=None):
+                gradient_checkpointing: bool = False, zero_stage: int = 0, seed=None,
+                checkpoint_every_n_layers: int = 1, offload_checkpoints: bool = False):
     model = load_model(model_cfg, checkpoint, quantization_config=quantization_config(peft_cfg, model_cfg))
+    if model_cfg.liger:
+        print(f"liger: {apply_liger(model)} on the language model", flush=True)
     if seed is not None:
         # adapter init from the seed alone: loading draws random numbers under ZeRO-3's partitioned init
         # (and when the tiny base is materialised) but not otherwise
         torch.manual_seed(seed)
     model = apply_peft(model, peft_cfg, model_cfg, gradient_checkpointing=gradient_checkpointing,
-                       zero_stage=zero_stage)
+                       zero_stage=zero_stage, checkpoint_every_n_layers=checkpoint_every_n_layers,
+                       offload_checkpoints=offload_checkpoints)
+    if model_cfg.compile:  # after peft: the compiled blocks include their LoRA layers
+        n = compile_language_layers(model, model_cfg.compile_backend)
+        print(f"compile: {n} language-model blocks ({model_cfg.compile_backend})", flush=True)
     print(f"method: {peft_cfg.method}, model.dtype: {model_cfg.dtype}", flush=True)
     print(describe(model, attn_implementation=model_cfg.attn_implementation,
                    reentrant=checkpoint_reentrant(model_cfg, zero_stage)), flush=True)
@@ -157,6 +167,7 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         remove_unused_columns=False,
         dataloader_num_workers=cfg.data.num_workers,
         seed=cfg.seed,
+        tf32=resolve_tf32(t.tf32),
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
         **distributed_arguments(cfg.deepspeed),
@@ -179,6 +190,10 @@ def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, ar
         optim_cfg=cfg.optim,
         train_batch_sampler=sampler,
         prefetch_factor=cfg.data.prefetch_factor,
+        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        liger_loss=cfg.model.liger,
+        offload_activations=cfg.trainer.activation_offloading and not cfg.trainer.gradient_checkpointing,
+        deepspeed_cfg=cfg.deepspeed,
     )
     return trainer, recorder.losses
 

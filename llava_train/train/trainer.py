@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import Trainer, TrainerCallback
 
 from llava_train.model.adapt import param_groups, save_unsaved_trainables
-from llava_train.train.distributed import VisionKeepAlive
+from llava_train.model.speed import OffloadActivations
+from llava_train.train.distributed import VisionKeepAlive, use_cpu_adam
 from llava_train.train.loss import sparse_lm_loss
 
 
@@ -17,9 +20,15 @@ class LlavaTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, optim_cfg, train_batch_sampler=None, prefetch_factor=None, **kwargs):
+    def __init__(self, *args, optim_cfg, train_batch_sampler=None, prefetch_factor=None, loss_chunk_tokens: int = 0,
+                 liger_loss: bool = False, offload_activations: bool = False, deepspeed_cfg=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.optim_cfg = optim_cfg
+        # model.loss_chunk_tokens / model.liger: how the trained positions are scored (train/loss.py)
+        self.loss_options = {"chunk_tokens": loss_chunk_tokens, "liger": liger_loss}
+        # trainer.activation_offloading without checkpointing: saved activations wait in CPU memory
+        self.offload_activations = offload_activations
+        self.deepspeed_cfg = deepspeed_cfg
         # several ranks: a text-only batch still runs the vision path (ZeRO-3 hang fix, see VisionKeepAlive)
         self.vision_keepalive = VisionKeepAlive(self.model) if self.args.world_size > 1 else None
         self.train_batch_sampler = train_batch_sampler  # a global batch plan (data/sampler.py) or None
@@ -44,11 +53,12 @@ class LlavaTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.vision_keepalive is not None:
-            with self.vision_keepalive.batch(inputs):
-                loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
-        else:
-            loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch)
+        with contextlib.ExitStack() as stack:
+            if self.vision_keepalive is not None:
+                stack.enter_context(self.vision_keepalive.batch(inputs))
+            if self.offload_activations and model.training:
+                stack.enter_context(OffloadActivations(model))
+            loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch, **self.loss_options)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
         return (loss, outputs) if return_outputs else loss
@@ -58,6 +68,13 @@ class LlavaTrainer(Trainer):
             opt_model = self.model if model is None else model
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             kwargs.pop("lr", None)
+            if self.deepspeed_cfg is not None and use_cpu_adam(self.deepspeed_cfg):
+                # optimizer state offloaded by ZeRO: DeepSpeed's vectorised CPU AdamW steps it
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                cls = DeepSpeedCPUAdam
+                kwargs = {"betas": (self.args.adam_beta1, self.args.adam_beta2), "eps": self.args.adam_epsilon,
+                          "weight_decay": self.args.weight_decay, "adamw_mode": True}
             self.optimizer = cls(param_groups(opt_model, self.optim_cfg), **kwargs)
         return self.optimizer
 
