@@ -58,7 +58,8 @@ def check_deepspeed(cfg: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
     if cfg.offload_optimizer and cfg.stage == 0:
         problems.append("deepspeed.offload_optimizer needs deepspeed.stage=2 or 3")
     if cfg.cpu_adam and not cfg.offload_optimizer:
-        problems.append("deepspeed.cpu_adam steps an offloaded optimizer state: also set deepspeed.offload_optimizer=true")
+        problems.append("deepspeed.cpu_adam steps an offloaded optimizer state: also set "
+                        "deepspeed.offload_optimizer=true")
     return problems
 
 

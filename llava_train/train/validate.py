@@ -11,8 +11,8 @@ from llava_train.data.sampler import batching_problems
 from llava_train.data.templates import FAMILIES
 from llava_train.model.adapt import checkpoint_reentrant, target_problems
 from llava_train.model.load import DTYPES, checkpoint_config, meta_model, resolve_checkpoint
-from llava_train.model.speed import liger_text_problems, speed_problems
 from llava_train.model.quantize import STORAGE_DTYPES, compute_dtype, skip_problems
+from llava_train.model.speed import liger_text_problems, speed_problems
 from llava_train.train.distributed import check_deepspeed
 from llava_train.train.resume import check_resume_settings
 
