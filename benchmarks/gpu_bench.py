@@ -52,7 +52,7 @@ CONFIGS = {
 }
 
 
-def needs(settings: dict) -> list[str]:
+def needs(settings: dict, gpu: bool = True) -> list[str]:
     """Why a configuration cannot run here (empty: it can)."""
     import importlib.util
 
@@ -61,14 +61,15 @@ def needs(settings: dict) -> list[str]:
         missing.append("flash-attn not installed")
     if settings["liger"] and importlib.util.find_spec("liger_kernel") is None:
         missing.append("liger-kernel not installed")
-    if settings["compile"] and importlib.util.find_spec("triton") is None:
+    if settings["compile"] and gpu and importlib.util.find_spec("triton") is None:
         missing.append("triton not installed (inductor on GPU)")
     return missing
 
 
 def lm_flops_per_token(seq: float) -> float:
     """Model FLOPs per real token, LoRA: forward 2P + input-gradient backward 2P over the LM linears,
-    causal attention 6 s h per layer (forward + backward); weight gradients of LoRA are negligible.
+    causal attention 6 s h per layer for rows of `seq` tokens (QK and AV, 4 x the mean context s/2 x h
+    forward, twice that backward; packed rows overstate it a little); LoRA weight gradients are negligible.
     The head runs on trained positions only (counted per trained token by the caller)."""
     h, layers = TEXT["hidden_size"], TEXT["num_hidden_layers"]
     kv = h * TEXT["num_key_value_heads"] // TEXT["num_attention_heads"]
@@ -137,6 +138,12 @@ class TimedLoader:
         return getattr(self.loader, name)
 
 
+SMOKE_TEXT = {"vocab_size": 32064, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32768}
+SMOKE_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "image_size": 336, "patch_size": 14, "projection_dim": 32}
+
+
 def run_one(name: str, args) -> dict:
     import torch
     from mixdata import real_geometry_processor
@@ -161,7 +168,8 @@ def run_one(name: str, args) -> dict:
     processor = real_geometry_processor(str(ensure_tiny_checkpoint(TinyModelConfig())))
     tok = processor.tokenizer
     data = work / "mix.json"
-    model_cfg = ModelConfig(path="random-7b", family="mistral", dtype="bf16", attn_implementation=s["attn"],
+    model_cfg = ModelConfig(path="random-7b", family="mistral", dtype="fp32" if args.cpu_smoke else "bf16",
+                            attn_implementation=s["attn"],
                             compile=s["compile"], liger=s["liger"])
     data_cfg = DataConfig(train_path=str(data), max_length=4096, packing=s["packing"], num_workers=args.workers,
                           pad_to_multiple_of=8)
@@ -176,9 +184,10 @@ def run_one(name: str, args) -> dict:
     encoder = Encoder.from_config(tok, get_family("mistral"), ImageGeometry.from_processor(processor), job.data)
     train_ds = ConversationDataset(str(data), job.data, encoder, processor.image_processor)
 
-    vision = CLIPVisionConfig(**VISION)
-    text = MistralConfig(**TEXT, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    device, dtype = ("cpu", torch.float32) if args.cpu_smoke else ("cuda", torch.bfloat16)
+    vision = CLIPVisionConfig(**(SMOKE_VISION if args.cpu_smoke else VISION))
+    text = MistralConfig(**(SMOKE_TEXT if args.cpu_smoke else TEXT), pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     config = LlavaNextConfig(vision_config=vision, text_config=text,
                              image_token_index=tok.convert_tokens_to_ids("<image>"),
                              image_grid_pinpoints=grid_pinpoints(336), vision_feature_select_strategy="default",
@@ -186,32 +195,35 @@ def run_one(name: str, args) -> dict:
     config._attn_implementation = s["attn"]
     torch.manual_seed(0)
     build = time.perf_counter()
-    with torch.device("cuda"):
-        model = LlavaNextForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
-                                                               attn_implementation=s["attn"])
+    with torch.device(device):
+        model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=s["attn"])
     if s["liger"]:
         apply_liger(model)
     model = apply_peft(model, job.peft, job.model, gradient_checkpointing=s["checkpointing"],
                        checkpoint_every_n_layers=s["every_n"])
     if s["compile"]:
-        compile_language_layers(model, "inductor")
+        compile_language_layers(model, "aot_eager" if args.cpu_smoke else "inductor")
     build = time.perf_counter() - build
 
     stats = {"wait": [], "tokens": [], "trained": [], "image_tokens": [], "seq": [], "step_end": [],
              "image_id": tok.convert_tokens_to_ids("<image>")}
 
+    cuda = device == "cuda"
+
     class StepClock(TrainerCallback):
         def on_step_end(self, args_, state, control, **kw):
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             stats["step_end"].append(time.perf_counter())
-            if state.global_step == args.warmup:
+            if state.global_step == args.warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
 
     job.output_dir = str(work / f"out-{name}")
     trainer, _ = build_trainer(job, model, train_ds, processor, Path(job.output_dir), callbacks=[StepClock()])
     original = trainer.get_train_dataloader
     trainer.get_train_dataloader = lambda: TimedLoader(original(), stats)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     ends = stats["step_end"]
     w = args.warmup
@@ -221,16 +233,16 @@ def run_one(name: str, args) -> dict:
     sl = slice(w, w + steps) if w > 0 else slice(1, 1 + steps)
     tokens, trained, images = sum(stats["tokens"][sl]), sum(stats["trained"][sl]), sum(stats["image_tokens"][sl])
     seq = sum(stats["seq"][sl]) / max(steps, 1)
-    flops = tokens * lm_flops_per_token(seq / 2) + trained * 2 * 2 * TEXT["hidden_size"] * TEXT["vocab_size"]
+    flops = tokens * lm_flops_per_token(seq) + trained * 2 * 2 * TEXT["hidden_size"] * TEXT["vocab_size"]
     flops += images * vision_flops_per_image_token()
-    device = torch.cuda.get_device_name()
-    peak = peak_tflops(device, args.peak_tflops)
+    device = torch.cuda.get_device_name() if cuda else "cpu (smoke test: tiny shapes, numbers meaningless)"
+    peak = peak_tflops(device, args.peak_tflops) if cuda else None
     return {
         "settings": s, "device": device, "steps_timed": steps, "seconds_timed": round(timed, 2),
         "build_seconds": round(build, 1), "real_tokens": tokens, "trained_tokens": trained,
         "tokens_per_s": round(tokens / timed, 1), "achieved_tflops": round(flops / timed / 1e12, 1),
         "mfu": round(flops / timed / (peak * 1e12), 3) if peak else None,
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
         "dataloader_wait_share": round(sum(stats["wait"][sl]) / timed, 3),
     }
 
@@ -250,6 +262,8 @@ def main() -> None:
     p.add_argument("--row-timeout-s", type=int, default=240)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak of this GPU (default: by name)")
     p.add_argument("--out", default=str(HERE / "results" / "gpu.json"))
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run the rows that can run on CPU at tiny shapes (checks the script; numbers meaningless)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # child: one configuration
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -277,7 +291,7 @@ def main() -> None:
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.cpu_smoke:
         sys.exit("no CUDA GPU: run with --dry-run for the plan")
     from mixdata import make_set
 
@@ -287,7 +301,9 @@ def main() -> None:
     start = time.time()
     rows: dict[str, dict] = {}
     for n in names:
-        why = needs({**BASE, **CONFIGS[n]})
+        why = needs({**BASE, **CONFIGS[n]}, gpu=not args.cpu_smoke)
+        if args.cpu_smoke and CONFIGS[n].get("liger"):
+            why.append("Liger needs CUDA")
         if why:
             rows[n] = {"skipped": "; ".join(why)}
             continue
@@ -297,7 +313,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--run", n, "--work", str(work), "--batch-size", str(args.batch_size),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--workers", str(args.workers),
-               "--peak-tflops", str(args.peak_tflops)]
+               "--peak-tflops", str(args.peak_tflops)] + (["--cpu-smoke"] if args.cpu_smoke else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=min(args.row_timeout_s, left))
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -316,7 +332,8 @@ def main() -> None:
             print(f"| {n} | {r['tokens_per_s']} | {r['mfu']} | {r['peak_memory_gb']} | "
                   f"{r['dataloader_wait_share']:.1%} | |")
         else:
-            print(f"| {n} | | | | | {r.get('skipped') or r.get('error', '')[:120]} |")
+            note = r.get("skipped") or (r.get("error", "").strip().splitlines() or [""])[-1][:150]
+            print(f"| {n} | | | | | {note} |")
     if plan:
         print(f"\nllava plan (batch {args.batch_size}):\n{plan}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

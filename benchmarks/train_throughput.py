@@ -184,7 +184,8 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
     job = TrainJobConfig(model=ModelConfig(path=str(ckpt), family="mistral"),
                          data=DataConfig(train_path=str(data), max_length=args.max_length), peft=PeftConfig())
     job.data.group_by_length = job.data.group_by_modality = name != "llava_random_batches"
-    job.data.packing = name == "llava_packing"
+    if name == "llava_packing":  # rows of --pack-length: ~1.7 samples a row, as 4096-token rows hold at 7B
+        job.data.packing, job.data.max_length = True, args.pack_length
     if name == "llava_token_budget":
         job.data.max_tokens_per_batch = args.token_budget
     t = job.trainer
@@ -299,7 +300,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--token-budget", type=int, default=4096, help="data.max_tokens_per_batch of that ablation row")
+    p.add_argument("--token-budget", type=int, default=2560,
+                   help="data.max_tokens_per_batch of that ablation row (~ batch x mean sample length)")
+    p.add_argument("--pack-length", type=int, default=512, help="data.max_length (row length) of the packing row")
     p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--out", default=str(HERE / "results" / "train_throughput.json"))
     args = p.parse_args()
@@ -326,7 +329,7 @@ def main() -> None:
         "precision": "fp32", "fine_tuning": "LoRA r=16 alpha=32 on the LM linears, projector trained, tower frozen",
         "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(), "repeats": args.repeats, "trl_version": trl_version,
-        "token_budget_row": args.token_budget, "dataloader_workers": 0,
+        "token_budget_row": args.token_budget, "packing_row_length": args.pack_length, "dataloader_workers": 0,
         "loadavg_start": os.getloadavg(),
     }
     print(json.dumps(settings["samples"]), flush=True)

@@ -87,12 +87,14 @@ def test_selective_checkpointing_trains_like_none(tiny_dir, batches, reference):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_blocks_train_like_eager(backend, tiny_dir, batches, reference):
+def test_compiled_blocks_train_like_eager(backend, tiny_dir, batches):
+    steps = [batches[0], batches[0]]  # one shape: compiled once (a second shape would recompile, dynamic)
+    reference = _train(_model(tiny_dir), steps)
     torch._dynamo.reset()
     model = _model(tiny_dir, compile=True, compile_backend=backend)
     layers = model.get_base_model().model.language_model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
-    _assert_same(_train(model, batches), reference, rtol=1e-3, atol=1e-4)
+    _assert_same(_train(model, steps), reference, rtol=1e-3, atol=1e-4)
 
 
 def test_speed_keys_are_refused_where_they_cannot_apply():
@@ -128,3 +130,56 @@ def test_gpu_defaults_follow_the_machine():
     assert torch_adam["zero_force_ds_cpu_optimizer"] is False
     if not cuda:
         assert resolve_tf32(None) is None and resolve_tf32(False) is None  # leave torch's CPU default
+
+
+def test_check_train_refuses_speed_keys_before_loading(tiny_dir, tmp_path):
+    # config.json only (no weights): liger's text-model check reads the checkpoint's config
+    import json
+    import shutil
+
+    from llava_train.config import TrainJobConfig
+    from llava_train.train.validate import ConfigError, check_train
+
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(tiny_dir / "config.json", folder / "config.json")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_config"]["model_type"] = "gemma"  # no Liger patch for it
+    (folder / "config.json").write_text(json.dumps(cfg))
+    job = TrainJobConfig(model=ModelConfig(path=str(folder), liger=True, compile=True, compile_backend="xla"),
+                         data=DataConfig(train_path=str(DEMO / "train.json")))
+    job.trainer.max_steps = 1
+    with pytest.raises(ConfigError) as err:
+        check_train(job)
+    text = str(err.value)
+    assert "model.compile_backend='xla'" in text
+    assert "Liger has no patch for this checkpoint's text model ('gemma')" in text
+    job.model = ModelConfig(path=str(tiny_dir), compile=True, compile_backend="aot_eager", loss_chunk_tokens=256)
+    job.trainer.gradient_checkpointing, job.trainer.checkpoint_every_n_layers = True, 2
+    check_train(job)  # control: everything that applies on CPU passes
+
+
+def test_cpu_adam_steps_like_torch_adamw_with_the_same_groups(tiny_dir, processor, batches, tmp_path):
+    # deepspeed.cpu_adam: LlavaTrainer builds DeepSpeed's CPU AdamW over the per-module groups (its C++ op
+    # is built on first use); one step from the same gradients equals torch's AdamW
+    from llava_train.config import DeepSpeedConfig, OptimConfig, TrainJobConfig
+    from llava_train.train.recipe import build_trainer
+
+    steps = {}
+    for cpu_adam in (False, True):
+        model = _model(tiny_dir)
+        job = TrainJobConfig(model=ModelConfig(path="tiny"), data=DataConfig(train_path=str(DEMO / "train.json")),
+                             optim=OptimConfig(lr=1e-2, projector_lr=3e-3, weight_decay=0.1))
+        job.trainer.max_steps = 1
+        job.data.group_by_length = job.data.group_by_modality = False
+        trainer, _ = build_trainer(job, model, [], processor, tmp_path / str(cpu_adam))
+        trainer.deepspeed_cfg = DeepSpeedConfig(stage=2, offload_optimizer=True, cpu_adam=cpu_adam)
+        opt = trainer.create_optimizer()
+        assert (type(opt).__name__ == "DeepSpeedCPUAdam") is cpu_adam
+        assert {g["lr"] for g in opt.param_groups} == {1e-2, 3e-3}  # language / projector groups kept
+        loss, _ = sparse_lm_loss(model, batches[0])
+        loss.backward()
+        opt.step()
+        steps[cpu_adam] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in steps[True].items():
+        torch.testing.assert_close(p, steps[False][n], rtol=1e-5, atol=1e-6)
