@@ -293,6 +293,21 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def write_result(out: str, settings: dict, runs: dict[str, list[dict]]) -> dict:
+    settings["loadavg_end"] = os.getloadavg()
+    result = {"settings": settings, "results": {c: summarise(r) for c, r in runs.items() if r},
+              "loadavg_per_run": {c: [r["loadavg"] for r in rs] for c, rs in runs.items()}}
+    base = result["results"].get("llava_default", {})
+    for r in result["results"].values():
+        for unit in ("wall", "cpu"):
+            key = f"real_tokens_per_{unit}_s"
+            if key in base and key in r:
+                r[f"llava_default_speedup_{unit}"] = round(base[key] / r[key], 2)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=48, help="one epoch of this many samples per run")
@@ -350,24 +365,18 @@ def main() -> None:
             print(f"[{rep + 1}/{args.repeats}] {name}: " + (r.get("error") or
                   f"{r['real_tokens']} tokens, {r['trained_tokens']} trained, {r['wall_s']:.1f} s wall, "
                   f"{r['cpu_s']:.1f} s cpu"), flush=True)
-    settings["loadavg_end"] = os.getloadavg()
-    result = {"settings": settings, "results": {c: summarise(runs[c]) for c in configs},
-              "loadavg_per_run": {c: [r["loadavg"] for r in runs[c]] for c in configs}}
-    base = result["results"].get("llava_default", {}).get("real_tokens_per_wall_s")
-    for name, r in result["results"].items():
-        if base and "real_tokens_per_wall_s" in r:
-            r["llava_default_speedup"] = round(base / r["real_tokens_per_wall_s"], 2)
+        write_result(args.out, settings, runs)  # after every round: a stopped run keeps its rounds
+    result = write_result(args.out, settings, runs)
     print("\n| configuration | real tokens | trained tokens | median wall s | median CPU s | real tokens / wall s "
-          "| llava-train default is x faster |\n|---|---|---|---|---|---|---|")
+          "| llava-train default is x faster (wall / CPU) |\n|---|---|---|---|---|---|---|")
     for name, r in result["results"].items():
         if "error" in r:
             print(f"| {name} | failed: {r['error'][:150]} | | | | | |")
         else:
             print(f"| {name} | {r['real_tokens']} | {r['trained_tokens']} | {r['median_wall_s']} | "
-                  f"{r['median_cpu_s']} | {r['real_tokens_per_wall_s']} | {r.get('llava_default_speedup')} |")
+                  f"{r['median_cpu_s']} | {r['real_tokens_per_wall_s']} | {r.get('llava_default_speedup_wall')} / "
+                  f"{r.get('llava_default_speedup_cpu')} |")
     print("settings: " + json.dumps({k: v for k, v in settings.items() if k != "model"}))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
