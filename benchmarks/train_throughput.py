@@ -287,7 +287,7 @@ def summarise(runs: list[dict]) -> dict:
     first = ok[0]
     out = {k: v for k, v in first.items() if k not in ("wall_s", "cpu_s")}
     out.update({"repeats": len(ok), "median_wall_s": round(med["wall_s"], 2), "median_cpu_s": round(med["cpu_s"], 2),
-                "wall_s_each": [round(r["wall_s"], 2) for r in ok],
+                "wall_s_each": [round(r["wall_s"], 2) for r in ok], "cpu_s_each": [round(r["cpu_s"], 2) for r in ok],
                 "real_tokens_per_wall_s": round(first["real_tokens"] / med["wall_s"], 1),
                 "real_tokens_per_cpu_s": round(first["real_tokens"] / med["cpu_s"], 1)})
     return out
@@ -303,9 +303,23 @@ def write_result(out: str, settings: dict, runs: dict[str, list[dict]]) -> dict:
             key = f"real_tokens_per_{unit}_s"
             if key in base and key in r:
                 r[f"llava_default_speedup_{unit}"] = round(base[key] / r[key], 2)
+    add_paired(result)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def add_paired(result: dict) -> None:
+    """TRL (assistant-only) time / this configuration's time, per round (runs minutes apart share the
+    machine's load), and the median over rounds: steadier than a ratio of medians on a loaded machine."""
+    ref = result["results"].get("trl_assistant_only", {})
+    for r in result["results"].values():
+        for unit in ("wall", "cpu"):
+            a, b = ref.get(f"{unit}_s_each"), r.get(f"{unit}_s_each")
+            if a and b:
+                ratios = [x / y for x, y in zip(a, b)]
+                r[f"paired_speedup_vs_trl_assistant_only_{unit}"] = {
+                    "per_round": [round(x, 2) for x in ratios], "median": round(statistics.median(ratios), 2)}
 
 
 def main() -> None:
