@@ -41,6 +41,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -204,6 +205,7 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
     counting = Counting(trainer.data_collator)
     trainer.data_collator = counting
     wall, cpu = _timed(trainer)
+    shutil.rmtree(out, ignore_errors=True)
     return {"real_tokens": counting.tokens, "trained_tokens": counting.trained, "wall_s": wall, "cpu_s": cpu,
             "steps": trainer.state.global_step}
 
@@ -250,6 +252,7 @@ def run_trl(name: str, args, rows, folder: Path, ckpt: Path) -> dict:
     counting = Counting(trainer.data_collator)
     trainer.data_collator = counting
     wall, cpu = _timed(trainer)
+    shutil.rmtree(sft.output_dir, ignore_errors=True)
     return {"real_tokens": counting.tokens, "trained_tokens": counting.trained, "wall_s": wall, "cpu_s": cpu,
             "steps": trainer.state.global_step, "gradient_checkpointing": sft.gradient_checkpointing,
             "assistant_only_loss": sft.assistant_only_loss, "collator": type(counting.collate).__name__}
@@ -391,8 +394,6 @@ def main() -> None:
                   f"{r['median_cpu_s']} | {r['real_tokens_per_wall_s']} | {r.get('llava_default_speedup_wall')} / "
                   f"{r.get('llava_default_speedup_cpu')} |")
     print("settings: " + json.dumps({k: v for k, v in settings.items() if k != "model"}))
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
 
 
