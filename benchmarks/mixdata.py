@@ -47,11 +47,13 @@ def _size(rnd: random.Random, kind: str) -> tuple[int, int]:
     return rnd.choices(sizes, weights)[0]
 
 
-def record(rnd: random.Random, i: int, image_name=None) -> tuple[dict, tuple[int, int] | None]:
-    """One sample; returns (LLaVA record, (width, height) of its image or None)."""
-    kinds, shares = zip(*[(k, v[0]) for k, v in KINDS.items()])
-    kind = rnd.choices(kinds, shares)[0]
-    _, (t_lo, t_hi), (q_lo, q_hi), (a_lo, a_hi) = KINDS[kind]
+def record(rnd: random.Random, i: int, image_name=None, kinds=None) -> tuple[dict, tuple[int, int] | None]:
+    """One sample; returns (LLaVA record, (width, height) of its image or None). `kinds`: a table like
+    KINDS (the default), e.g. with turns and words scaled down."""
+    table = kinds or KINDS
+    names, shares = zip(*[(k, v[0]) for k, v in table.items()])
+    kind = rnd.choices(names, shares)[0]
+    _, (t_lo, t_hi), (q_lo, q_hi), (a_lo, a_hi) = table[kind]
     turns = rnd.randint(t_lo, t_hi)
     conv = []
     for t in range(turns):

@@ -73,6 +73,19 @@ class ModelConfig:
     # Make the embeddings' output require grad, so reentrant-checkpointed blocks with frozen inputs
     # still backpropagate into LoRA weights ("none of the inputs have requires_grad").
     input_require_grads: bool = True
+    # torch.compile each decoder block of the language model (regional compile: one graph per block
+    # class, reused by every layer; compiles in seconds, not minutes, and leaves the vision tower eager).
+    compile: bool = False
+    # torch.compile backend: inductor (fused kernels; needs a C compiler on CPU, Triton on GPU) |
+    # aot_eager (traces and runs eagerly: checks a model compiles, no speed-up) | eager.
+    compile_backend: str = "inductor"
+    # Liger-Kernel's Triton kernels (RMSNorm, RoPE, SwiGLU) on the language model, and its fused linear
+    # cross entropy on the trained positions. CUDA + the liger-kernel package; mistral/llama/qwen2 text models.
+    liger: bool = False
+    # Chunked linear cross entropy (CPU/GPU, pure torch): project the trained positions onto the vocabulary
+    # this many at a time, each chunk's logits recomputed in backward, so at most one [chunk, vocab] block
+    # of logits exists at once. 0: all trained positions in one matmul (the sparse head alone).
+    loss_chunk_tokens: int = 0
 
 
 @dataclass
@@ -149,8 +162,9 @@ class DataConfig:
     # Several samples per row up to max_length (position ids restart per sample, attention stays inside
     # each sample; data/packing.py). per_device_train_batch_size then counts rows.
     packing: bool = False
-    # Round the padded length up to a multiple of this (8 or 64 suits tensor cores; 1 on CPU).
-    pad_to_multiple_of: int = 1
+    # Round the padded length up to a multiple of this (8 or 64 suits tensor cores). None: 8 on a CUDA
+    # GPU, 1 on CPU.
+    pad_to_multiple_of: Optional[int] = None
     # Batches each DataLoader worker prepares ahead (None: torch's default 2; only with num_workers > 0).
     prefetch_factor: Optional[int] = None
     # Batches per sorting window of the length grouping (larger: less padding, less random batches).
@@ -242,6 +256,14 @@ class TrainerConfig:
     save_total_limit: Optional[int] = 2
     # Gradient (activation) checkpointing, switched on by build_model (reentrant choice, input grads).
     gradient_checkpointing: bool = False
+    # Selective checkpointing: with gradient_checkpointing, checkpoint only every k-th decoder layer of the
+    # language model (1: all); the others keep their activations (less recomputation, more memory).
+    checkpoint_every_n_layers: int = 1
+    # Activations kept in (pinned) CPU memory between forward and backward. With gradient_checkpointing:
+    # the checkpointed layers' inputs (transformers' offload); without: every activation except weights.
+    activation_offloading: bool = False
+    # TF32 matmuls on Ampere or newer GPUs. None: on where supported (off on CPU and older GPUs).
+    tf32: Optional[bool] = None
     disable_tqdm: bool = False
     # Pinned host memory for batches. None: on when a GPU is present.
     dataloader_pin_memory: Optional[bool] = None
@@ -272,10 +294,12 @@ class DeepSpeedConfig:
     stage: int = 0  # 0 (off) | 2 | 3
     offload_optimizer: bool = False  # optimizer state and step on the CPU (ZeRO-Offload)
     offload_param: bool = False  # ZeRO-3 only: parameters on the CPU between uses
-    # With offload_optimizer: step with DeepSpeed's compiled CPU Adam (AdamW; the op is built on first use,
-    # ~2.5 CPU-minutes, then cached). false: the torch optimizer steps the offloaded state (slower).
-    cpu_adam: bool = True
-    overlap_comm: bool = False  # overlap gradient reduction with backward (useful on GPUs)
+    # Overlap gradient reduction with backward. None: on with a CUDA GPU, off on CPU (gloo).
+    overlap_comm: Optional[bool] = None
+    # With offload_optimizer: DeepSpeed's vectorised CPU Adam (AdamW, a C++ op built on first use, ~2.5
+    # CPU-minutes, then cached; the per-module learning-rate groups are kept). None: on whenever the optimizer
+    # is offloaded (DeepSpeed's own default); false: the torch optimizer steps on the offloaded state (slower).
+    cpu_adam: Optional[bool] = None
     # ZeRO-3: gather the partitioned weights into 16-bit full tensors when saving (needed for adapters).
     gather_16bit_weights_on_model_save: bool = True
     # ZeRO-3: parameters smaller than this stay whole on every rank. None: "auto" (10 x hidden size).

@@ -169,13 +169,22 @@ def has_image_flags(dataset) -> Optional[list[bool]]:
     return None
 
 
+def pad_multiple(cfg) -> int:
+    """`data.pad_to_multiple_of`, or its default: 8 on a CUDA GPU (tensor-core tiles), 1 on CPU."""
+    if cfg.pad_to_multiple_of is not None:
+        return cfg.pad_to_multiple_of
+    import torch
+
+    return 8 if torch.cuda.is_available() else 1
+
+
 def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: int, seed: int):
     """(collator, batch sampler or None) for a `DataConfig`: the one place the batching keys are read."""
+    multiple = pad_multiple(cfg)
     if cfg.packing:
-        collator = PackingCollator(pad_token_id=pad_token_id, max_length=cfg.max_length,
-                                   pad_to_multiple_of=cfg.pad_to_multiple_of)
+        collator = PackingCollator(pad_token_id=pad_token_id, max_length=cfg.max_length, pad_to_multiple_of=multiple)
     else:
-        collator = Collator(pad_token_id=pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of)
+        collator = Collator(pad_token_id=pad_token_id, pad_to_multiple_of=multiple)
     if getattr(cfg, "streaming", False):
         return collator, None  # a stream groups inside its window (data/streaming.py)
     if not (cfg.packing or cfg.group_by_length or cfg.group_by_modality or cfg.max_tokens_per_batch):
@@ -208,7 +217,7 @@ def batching_problems(cfg) -> list[str]:
     if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < cfg.max_length:
         problems.append(f"data.max_tokens_per_batch={cfg.max_tokens_per_batch} is below data.max_length="
                         f"{cfg.max_length}: a long sample could not form a batch; raise it")
-    if cfg.pad_to_multiple_of < 1:
+    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
         problems.append("data.pad_to_multiple_of must be >= 1")
     if cfg.group_window < 1:
         problems.append("data.group_window must be >= 1")

@@ -21,10 +21,21 @@ def checkpoint_reentrant(model_cfg: ModelConfig, zero_stage: int) -> bool:
     return zero_stage == 3
 
 
-def enable_checkpointing(model, model_cfg: ModelConfig, zero_stage: int) -> None:
-    """Gradient checkpointing on the base model (before peft wraps it); see `set_input_grads`."""
+def enable_checkpointing(model, model_cfg: ModelConfig, zero_stage: int, every_n_layers: int = 1,
+                         offload: bool = False) -> None:
+    """Gradient checkpointing on the base model (before peft wraps it); see `set_input_grads`.
+
+    `every_n_layers` > 1: selective checkpointing, counted over the language model's decoder layers
+    (transformers' own count also includes the vision tower's layers); `offload`: the checkpointed
+    layers' inputs wait in pinned host memory (transformers' `offload`)."""
     reentrant = checkpoint_reentrant(model_cfg, zero_stage)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant},
+                                          offload=offload)
+    if every_n_layers > 1:
+        from llava_train.model.speed import llava_model
+
+        for i, layer in enumerate(llava_model(model).language_model.layers):
+            layer.gradient_checkpointing = i % every_n_layers == 0
     # its input-grad hooks are replaced by set_input_grads (peft registers a second set meanwhile, and
     # transformers keeps handles only to the latest set). Workaround, no upstream issue: can go when
     # enable_input_require_grads is idempotent and skips frozen sub-models (transformers 5.24 is neither)
@@ -52,7 +63,7 @@ def set_input_grads(model, *, language: bool, vision: bool) -> None:
 
 
 def apply_peft(model, peft_cfg: PeftConfig, model_cfg: ModelConfig, *, gradient_checkpointing: bool = False,
-               zero_stage: int = 0):
+               zero_stage: int = 0, checkpoint_every_n_layers: int = 1, offload_checkpoints: bool = False):
     """Freeze/wrap `model` for the chosen method; returns the model to train."""
     if peft_cfg.method == "full":
         for name, p in model.named_parameters():
@@ -65,7 +76,7 @@ def apply_peft(model, peft_cfg: PeftConfig, model_cfg: ModelConfig, *, gradient_
             else:
                 p.requires_grad = True
         if gradient_checkpointing:
-            enable_checkpointing(model, model_cfg, zero_stage)
+            enable_checkpointing(model, model_cfg, zero_stage, checkpoint_every_n_layers, offload_checkpoints)
             set_input_grads(model, language=False, vision=False)  # trainable embeddings need no hook
         return model
     if peft_cfg.method not in ("lora", "qlora"):
@@ -81,7 +92,7 @@ def apply_peft(model, peft_cfg: PeftConfig, model_cfg: ModelConfig, *, gradient_
         # of the other shards would mix dtypes in DeepSpeed's flat buffers (get_peft_model freezes the base).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
-        enable_checkpointing(model, model_cfg, zero_stage)
+        enable_checkpointing(model, model_cfg, zero_stage, checkpoint_every_n_layers, offload_checkpoints)
     modules_to_save = list(model_cfg.modules_to_save)
     if peft_cfg.train_projector:
         modules_to_save.append(PROJECTOR)

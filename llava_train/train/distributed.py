@@ -44,6 +44,9 @@ def check_deepspeed(cfg: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
         problems.append("deepspeed.offload_param needs deepspeed.stage=3")
     if cfg.offload_optimizer and cfg.stage == 0:
         problems.append("deepspeed.offload_optimizer needs deepspeed.stage=2 or 3")
+    if cfg.cpu_adam and not cfg.offload_optimizer:
+        problems.append("deepspeed.cpu_adam steps an offloaded optimizer state: also set "
+                        "deepspeed.offload_optimizer=true")
     return problems
 
 
@@ -58,7 +61,7 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> Optional[dict[str, Any]]:
         return None
     zero: dict[str, Any] = {
         "stage": cfg.stage,
-        "overlap_comm": cfg.overlap_comm,
+        "overlap_comm": torch.cuda.is_available() if cfg.overlap_comm is None else cfg.overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": AUTO,
     }
@@ -86,19 +89,17 @@ def deepspeed_config(cfg: DeepSpeedConfig) -> Optional[dict[str, Any]]:
         "steps_per_print": 10**9,  # the Trainer logs; DeepSpeed's own step printing is noise
         "wall_clock_breakdown": False,
     }
-    if cfg.offload_optimizer and not cfg.cpu_adam:
-        # the torch optimizer steps on the offloaded fp32 state (DeepSpeed otherwise insists on its CPU Adam)
+    if cfg.offload_optimizer and not use_cpu_adam(cfg):
+        # The Trainer's torch optimizer (per-module learning rates) steps on the offloaded fp32 state;
+        # DeepSpeed otherwise insists on its own compiled CPU Adam.
         out["zero_force_ds_cpu_optimizer"] = False
     return out
 
 
-def uses_cpu_adam(ds_config: Optional[dict[str, Any]]) -> bool:
-    """Whether a rendered DeepSpeed config wants DeepSpeed's CPU Adam (optimizer offloaded, not opted out):
-    `LlavaTrainer.create_optimizer` then builds it over the same per-module parameter groups."""
-    if not ds_config:
-        return False
-    offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    return offload in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer", True)
+def use_cpu_adam(cfg: DeepSpeedConfig) -> bool:
+    """DeepSpeed's CPU Adam steps the offloaded optimizer state (LlavaTrainer.create_optimizer builds it over
+    the same per-module parameter groups)."""
+    return cfg.offload_optimizer and cfg.stage > 0 and cfg.cpu_adam is not False
 
 
 FSDP_STATE_DICTS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")

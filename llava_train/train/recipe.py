@@ -27,6 +27,7 @@ from llava_train.files import write_json_atomic
 from llava_train.model.adapt import apply_peft, checkpoint_reentrant
 from llava_train.model.load import load_model, load_processor, resolve_checkpoint, set_generation_stop
 from llava_train.model.quantize import quantization_config
+from llava_train.model.speed import apply_liger, compile_language_layers, resolve_tf32
 from llava_train.model.summary import describe
 from llava_train.train.callbacks import attach_callbacks, in_training_eval_set, report_to, run_name
 from llava_train.train.distributed import (
@@ -87,7 +88,9 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
     # under FSDP2 checkpointing is FSDP's own (fsdp_arguments), not the model's
     checkpointing = cfg.trainer.gradient_checkpointing and not cfg.fsdp.enabled
     model = build_model(cfg.model, cfg.peft, checkpoint, gradient_checkpointing=checkpointing,
-                        zero_stage=cfg.deepspeed.stage, seed=cfg.seed)
+                        zero_stage=cfg.deepspeed.stage, seed=cfg.seed,
+                        checkpoint_every_n_layers=cfg.trainer.checkpoint_every_n_layers,
+                        offload_checkpoints=cfg.trainer.activation_offloading)
     set_generation_stop(model.generation_config, processor.tokenizer, get_family(cfg.model.family))
     preemption = Preemption(cfg.trainer.preemption_signals)
     shards = ShardReport()
@@ -167,15 +170,22 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor, *, batch_
 
 
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *,
-                gradient_checkpointing: bool = False, zero_stage: int = 0, seed=None):
+                gradient_checkpointing: bool = False, zero_stage: int = 0, seed=None,
+                checkpoint_every_n_layers: int = 1, offload_checkpoints: bool = False):
     quantization = quantization_config(peft_cfg, model_cfg, sharded=zero_stage == 3)
     model = load_model(model_cfg, checkpoint, quantization_config=quantization)
+    if model_cfg.liger:
+        print(f"liger: {apply_liger(model)} on the language model", flush=True)
     if seed is not None:
         # adapter init from the seed alone: loading draws random numbers under ZeRO-3's partitioned init
         # (and when the tiny base is materialised) but not otherwise
         torch.manual_seed(seed)
     model = apply_peft(model, peft_cfg, model_cfg, gradient_checkpointing=gradient_checkpointing,
-                       zero_stage=zero_stage)
+                       zero_stage=zero_stage, checkpoint_every_n_layers=checkpoint_every_n_layers,
+                       offload_checkpoints=offload_checkpoints)
+    if model_cfg.compile:  # after peft: the compiled blocks include their LoRA layers
+        n = compile_language_layers(model, model_cfg.compile_backend)
+        print(f"compile: {n} language-model blocks ({model_cfg.compile_backend})", flush=True)
     print(f"method: {peft_cfg.method}, model.dtype: {model_cfg.dtype}", flush=True)
     attention = getattr(model.config, "_attn_implementation", None) or model_cfg.attn_implementation
     print(describe(model, attn_implementation=attention,
@@ -206,6 +216,7 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         dataloader_num_workers=num_workers(cfg.data),  # auto by default (data/sampler.py)
         dataloader_persistent_workers=num_workers(cfg.data) > 0,
         seed=cfg.seed,
+        tf32=resolve_tf32(t.tf32),
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
         train_sampling_strategy=str(t.data_order),
@@ -236,6 +247,10 @@ def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, ar
         identity=identity,
         worker_ignored_signals=cfg.trainer.preemption_signals,
         processing_class=processor,  # saved into every checkpoint-N/ and final/ with the training template
+        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        liger_loss=cfg.model.liger,
+        offload_activations=cfg.trainer.activation_offloading and not cfg.trainer.gradient_checkpointing,
+        deepspeed_cfg=cfg.deepspeed,
     )
     return trainer
 

@@ -17,9 +17,10 @@ from llava_train.data.streaming import StreamingDataset, StreamingLoader
 from llava_train.files import publish, remove_staging
 from llava_train.model.adapter_files import save_unsaved_trainables
 from llava_train.model.param_groups import param_groups
-from llava_train.train.distributed import VisionKeepAlive, uses_cpu_adam
+from llava_train.model.speed import OffloadActivations
+from llava_train.train.distributed import VisionKeepAlive, use_cpu_adam
 from llava_train.train.identity import STAGING, RunIdentity
-from llava_train.train.loss import sparse_inputs, trained_token_loss
+from llava_train.train.loss import sparse_inputs, sparse_lm_loss, trained_token_loss
 from llava_train.train.resume import ignore_signals_in_worker, seal
 
 SUPERSEDED = "superseded"  # where a published folder in the way of a new one is moved (never deleted)
@@ -36,7 +37,9 @@ class LlavaTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, optim_cfg, train_batch_sampler=None, prefetch_factor=None,
-                 identity: Optional[RunIdentity] = None, worker_ignored_signals=("SIGTERM", "SIGUSR1"), **kwargs):
+                 identity: Optional[RunIdentity] = None, worker_ignored_signals=("SIGTERM", "SIGUSR1"),
+                 loss_chunk_tokens: int = 0, liger_loss: bool = False, offload_activations: bool = False,
+                 deepspeed_cfg=None, **kwargs):
         super().__init__(*args, compute_loss_func=trained_token_loss, **kwargs)
         self.identity = identity  # sealed into every checkpoint
         self.worker_ignored_signals = [getattr(signal, s) for s in worker_ignored_signals]
@@ -44,6 +47,11 @@ class LlavaTrainer(Trainer):
         self.checkpoint_writers: list[Callable] = []
         self._staging: Optional[Path] = None
         self.optim_cfg = optim_cfg
+        # model.loss_chunk_tokens / model.liger: how the trained positions are scored (train/loss.py)
+        self.loss_options = {"chunk_tokens": loss_chunk_tokens, "liger": liger_loss}
+        # trainer.activation_offloading without checkpointing: saved activations wait in CPU memory
+        self.offload_activations = offload_activations
+        self.deepspeed_cfg = deepspeed_cfg
         # several ranks: a text-only batch still runs the vision path (ZeRO-3 hang fix, see VisionKeepAlive)
         self.vision_keepalive = VisionKeepAlive(self.model) if self.args.world_size > 1 else None
         self.train_batch_sampler = train_batch_sampler  # a global batch plan (data/sampler.py) or None
@@ -86,23 +94,33 @@ class LlavaTrainer(Trainer):
         return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = sparse_inputs(inputs)
-        if self.vision_keepalive is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with self.vision_keepalive.batch(inputs):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with contextlib.ExitStack() as stack:
+            if self.vision_keepalive is not None:
+                stack.enter_context(self.vision_keepalive.batch(inputs))
+            if self.offload_activations and model.training:
+                stack.enter_context(OffloadActivations(model))
+            if not (self.loss_options["chunk_tokens"] or self.loss_options["liger"]):
+                return super().compute_loss(model, sparse_inputs(inputs), return_outputs, num_items_in_batch)
+            # chunked / fused cross entropy applies the head itself (train/loss.py), so the loss is computed
+            # here rather than by compute_loss_func, and HF's cross-rank scaling for a token-averaged loss
+            # (Trainer.compute_loss, average_tokens_across_devices) is applied here too
+            loss, outputs = sparse_lm_loss(model, inputs, num_items_in_batch, **self.loss_options)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             kwargs.pop("lr", None)
-            if self.is_deepspeed_enabled and uses_cpu_adam(self.args.hf_deepspeed_config.config):
-                # ZeRO-Offload: DeepSpeed's compiled CPU Adam (AdamW) steps the offloaded fp32 state
+            if self.deepspeed_cfg is not None and use_cpu_adam(self.deepspeed_cfg):
+                # optimizer state offloaded by ZeRO: DeepSpeed's vectorised CPU AdamW steps it
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-                cls, kwargs = DeepSpeedCPUAdam, {"betas": kwargs.get("betas", (0.9, 0.999)),
-                                                 "eps": kwargs.get("eps", 1e-8), "adamw_mode": True}
+                cls = DeepSpeedCPUAdam
+                kwargs = {"betas": (self.args.adam_beta1, self.args.adam_beta2), "eps": self.args.adam_epsilon,
+                          "weight_decay": self.args.weight_decay, "adamw_mode": True}
             groups = param_groups(opt_model, self.optim_cfg)
             self.optimizer = cls(groups, **kwargs)
             if self.is_world_process_zero():

@@ -15,6 +15,7 @@ from llava_train.data.sampler import batching_problems
 from llava_train.model.adapt import checkpoint_reentrant
 from llava_train.model.load import checkpoint_config, meta_model, resolve_checkpoint
 from llava_train.model.quantize import skip_problems
+from llava_train.model.speed import liger_text_problems, speed_problems
 from llava_train.model.targets import target_problems
 from llava_train.resources import DEMO_DATA
 from llava_train.train.distributed import check_deepspeed, check_fsdp
@@ -143,6 +144,7 @@ def model_problems(cfg: TrainJobConfig) -> list[str]:
             problems.append(f"trainer.global_batch_size={t.global_batch_size} != world size {world_size()} x "
                             f"per_device_train_batch_size {t.per_device_train_batch_size} x "
                             f"gradient_accumulation_steps {t.gradient_accumulation_steps}: {hint}")
+    problems += speed_problems(m, t)
     if not model_path_problems(m.path, "model.path"):  # a missing folder is reported once (value_problems)
         problems += _checkpoint_problems(cfg)
     return problems
@@ -179,6 +181,7 @@ def _checkpoint_problems(cfg: TrainJobConfig) -> list[str]:
     if m.dtype == "fp16" and weights == "bfloat16":
         problems.append("model.dtype=fp16 but the checkpoint's weights are bf16: bf16 values overflow fp16's range "
                         "(inf/nan losses); use model.dtype=bf16 (or fp32)")
+    problems += liger_text_problems(m, getattr(getattr(config, "text_config", None), "model_type", None))
     if p.method in ("lora", "qlora"):
         model = meta_model(config)
         problems += target_problems(model, p, m)
