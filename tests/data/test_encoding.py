@@ -68,15 +68,21 @@ def test_windowed_check_equals_the_full_prefix_definition(name, case, tokenizers
         [lab for t, lab in zip(ids, labels) if t != image_id]
 
 
-def test_stray_special_token_in_a_reply_is_still_caught(tokenizers):
-    enc = Encoder(tokenizers["chatml"], get_family("chatml"), None, max_length=10**6)
+def test_stray_special_token_in_a_reply(tokenizers):
+    tok = tokenizers["chatml"]
     conv = Conversation("bad", [Turn("user", "Hi"), Turn("assistant", "ok<|im_end|>")])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    # default: data text spelling a special token is plain text (data/templates.py), never a control token
+    out = Encoder(tok, get_family("chatml"), None, max_length=10**6).encode(conv, [])
+    trained = [t for t, lab in zip(out.input_ids, out.labels) if lab != IGNORE_INDEX]
+    assert trained.count(im_end) == 1 and trained[-1] == im_end  # only the template's own end-of-turn
+    # data.special_tokens_in_text=parse: the control token is parsed, and then caught or exactly defined
+    enc = Encoder(tok, get_family("chatml"), None, max_length=10**6, special_tokens_in_text="parse")
     try:
         enc.encode(conv, [])
     except DataError as err:  # either the template check or the empty-reply check names it
         assert err.kind in ("template_mismatch", "empty_reply")
     else:
-        # no error is only right when the labels match the exact definition
         ids, labels = reference_labels(enc.tok, enc.family, conv.turns)
         assert enc.encode(conv, []).labels == labels
 
