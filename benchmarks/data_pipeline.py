@@ -110,7 +110,8 @@ def main() -> None:
 
     from llava_train.config import DataConfig, TinyModelConfig
     from llava_train.data.collate import Collator
-    from llava_train.data.dataset import ConversationDataset, Encoder
+    from llava_train.data.dataset import ConversationDataset
+    from llava_train.data.encoder import Encoder
     from llava_train.data.images import ImageGeometry, num_patches
     from llava_train.data.index import LazyConversationDataset
     from llava_train.data.packing import PackingCollator

@@ -178,7 +178,8 @@ def run_one(name: str, args) -> dict:
     t.max_steps, t.per_device_train_batch_size = args.warmup + args.steps, args.batch_size
     t.logging_steps, t.save_steps, t.disable_tqdm = 10**6, 10**6, True
     t.gradient_checkpointing, t.checkpoint_every_n_layers = s["checkpointing"], s["every_n"]
-    from llava_train.data.dataset import ConversationDataset, Encoder
+    from llava_train.data.dataset import ConversationDataset
+    from llava_train.data.encoder import Encoder
     from llava_train.data.images import ImageGeometry
 
     encoder = Encoder.from_config(tok, get_family("mistral"), ImageGeometry.from_processor(processor), job.data)

@@ -105,7 +105,8 @@ def rank_main(args) -> None:
 
     from llava_train.config import DataConfig, TinyModelConfig
     from llava_train.data.collate import Collator
-    from llava_train.data.dataset import ConversationDataset, Encoder
+    from llava_train.data.dataset import ConversationDataset
+    from llava_train.data.encoder import Encoder
     from llava_train.data.images import ImageGeometry
     from llava_train.data.sampler import PlanSampler, PlanSpec
     from llava_train.data.templates import get_family

@@ -64,7 +64,7 @@ def tiny_model(tiny_dir):
 
 @pytest.fixture(scope="session")
 def encoder(processor):
-    from llava_train.data.dataset import Encoder
+    from llava_train.data.encoder import Encoder
     from llava_train.data.images import ImageGeometry
     from llava_train.data.templates import get_family
 

@@ -31,15 +31,8 @@ import numpy as np
 
 from llava_train.config import DataConfig
 from llava_train.constants import IMAGE_TOKEN
-from llava_train.data.dataset import (
-    Encoder,
-    ExampleDataset,
-    FetchSkips,
-    SkipReport,
-    as_sources,
-    prepare,
-    to_item,
-)
+from llava_train.data.dataset import ExampleDataset, FetchSkips, SkipReport, as_sources, prepare, to_item
+from llava_train.data.encoder import Encoder
 from llava_train.data.formats import DataError, parse_line
 from llava_train.data.images import ImageGeometry, num_image_tokens
 from llava_train.data.sources import Source, apply_weight, default_image_root, describe, load_hf

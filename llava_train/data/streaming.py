@@ -31,7 +31,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from llava_train.config import DataConfig
-from llava_train.data.dataset import Encoder, FetchSkips, SkipReport, prepare, should_skip, to_item
+from llava_train.data.dataset import FetchSkips, SkipReport, prepare, should_skip, to_item
+from llava_train.data.encoder import Encoder
 from llava_train.data.formats import DataError
 from llava_train.data.images import FORMAT_EXTENSIONS
 from llava_train.data.sources import HF_BUILDERS, Source, _undecoded, default_image_root, describe

@@ -15,7 +15,7 @@ Sources of each format (single user turn, one image, default system prompt):
   token per turn), so the header appears once here.
 BOS: mistral/vicuna start with `<s>` and llama3 with `<|begin_of_text|>` (their tokenizers add it);
 Yi (34b) and Qwen tokenizers add none. The BOS is not part of the prompt *text* (as in the docs strings);
-`data.dataset.Encoder` prepends it as a token.
+`data.encoder.Encoder` prepends it as a token.
 
 Tokenisation (`TemplateTokenizer`), one rule for every family:
 - the text is cut before and after every trained piece (reply = separator + reply + end-of-turn) and at
@@ -353,3 +353,9 @@ class TemplateTokenizer:
             if trained:
                 spans.append((start, len(ids)))
         return ids, spans
+
+
+def set_training_template(processor, family) -> None:
+    """Put `family`'s training chat template on the processor and its tokenizer (both are saved)."""
+    processor.chat_template = family.chat_template
+    processor.tokenizer.chat_template = family.chat_template

@@ -16,7 +16,8 @@ import torch
 
 from llava_train.config.jobs import EvalJobConfig
 from llava_train.config.schema import DataConfig
-from llava_train.data.dataset import ConversationDataset, Encoder
+from llava_train.data.dataset import ConversationDataset
+from llava_train.data.encoder import Encoder
 from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions, metrics, write_predictions

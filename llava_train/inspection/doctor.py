@@ -25,7 +25,8 @@ from typing import Any, Optional, TextIO
 from llava_train.config import DataConfig
 from llava_train.config.jobs import DoctorJobConfig
 from llava_train.constants import IGNORE_INDEX
-from llava_train.data.dataset import Encoder, SkipReport, as_sources, prepare
+from llava_train.data.dataset import SkipReport, as_sources, prepare
+from llava_train.data.encoder import Encoder
 from llava_train.data.formats import DataError
 from llava_train.data.images import load_rgb
 from llava_train.data.sources import Source, apply_weight, count_rows, default_image_root, iter_rows

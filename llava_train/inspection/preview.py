@@ -17,7 +17,8 @@ from typing import Iterator, Optional, TextIO
 from llava_train.config import DataConfig, ModelConfig
 from llava_train.config.jobs import PreviewJobConfig
 from llava_train.constants import IGNORE_INDEX
-from llava_train.data.dataset import Encoded, Encoder, SkipReport, as_sources, iter_encoded
+from llava_train.data.dataset import SkipReport, as_sources, iter_encoded
+from llava_train.data.encoder import Encoded, Encoder
 from llava_train.data.formats import Conversation
 from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import get_family

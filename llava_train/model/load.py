@@ -34,7 +34,7 @@ def load_processor(checkpoint: str, family: Optional[str] = None, *, prefer_save
     configured fallback; with `prefer_saved` (inference) a template this project saved wins over it."""
     from transformers import AutoProcessor
 
-    from llava_train.data.templates import family_of, get_family
+    from llava_train.data.templates import family_of, get_family, set_training_template
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     log.info("image processor backend: %s", type(processor.image_processor).__name__)
@@ -57,12 +57,6 @@ def attn_implementation(requested: str) -> str:
     chosen = "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
     print(f"model.attn_implementation=auto -> {chosen}", flush=True)
     return chosen
-
-
-def set_training_template(processor, family) -> None:
-    """Put `family`'s training chat template on the processor and its tokenizer (both are saved)."""
-    processor.chat_template = family.chat_template
-    processor.tokenizer.chat_template = family.chat_template
 
 
 def processor_family(processor) -> Optional[str]:

@@ -79,8 +79,7 @@ def _build(cfg: TinyModelConfig, folder: Path, family: str) -> None:
         LlavaNextProcessor,
     )
 
-    from llava_train.data.templates import get_family
-    from llava_train.model.load import set_training_template
+    from llava_train.data.templates import get_family, set_training_template
 
     tok = build_tokenizer(folder, family)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)

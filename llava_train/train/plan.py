@@ -281,7 +281,8 @@ def scanned_stats(cfg: TrainJobConfig) -> DataStats:
     """Sample count, longest sample and trained tokens from the same scan `llava doctor` runs."""
     import sys
 
-    from llava_train.data.dataset import Encoder, as_sources
+    from llava_train.data.dataset import as_sources
+    from llava_train.data.encoder import Encoder
     from llava_train.inspection.doctor import Report, check_source
     from llava_train.inspection.preview import load_encoder
 

@@ -17,7 +17,8 @@ from transformers import TrainingArguments
 
 from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainJobConfig
 from llava_train.config.hf_args import hf_arguments
-from llava_train.data.dataset import ConversationDataset, Encoder, as_sources
+from llava_train.data.dataset import ConversationDataset, as_sources
+from llava_train.data.encoder import Encoder
 from llava_train.data.images import ImageGeometry
 from llava_train.data.index import LazyConversationDataset
 from llava_train.data.sampler import batching, num_workers
@@ -39,8 +40,9 @@ from llava_train.train.distributed import (
     main_process_first,
     teardown,
 )
-from llava_train.train.identity import Claim, RunFolder, RunIdentity
+from llava_train.train.identity import RunIdentity
 from llava_train.train.resume import Preemption
+from llava_train.train.run_folder import Claim, RunFolder
 from llava_train.train.trainer import LlavaTrainer, stream_state_file
 from llava_train.train.validate import check_fits, check_train
 

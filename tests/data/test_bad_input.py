@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from llava_train.config import DataConfig
-from llava_train.data.dataset import ConversationDataset, Encoder
+from llava_train.data.dataset import ConversationDataset
+from llava_train.data.encoder import Encoder
 from llava_train.data.formats import DataError
 
 

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from llava_train.constants import IGNORE_INDEX
-from llava_train.data.dataset import Encoder
+from llava_train.data.encoder import Encoder
 from llava_train.data.formats import Conversation, DataError, Turn
 from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import FAMILIES, SPECIAL_TOKENS, get_family

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DEMO, tiny_family_dir
 from llava_train.constants import IGNORE_INDEX
-from llava_train.data.dataset import Encoder
+from llava_train.data.encoder import Encoder
 from llava_train.data.formats import Conversation, Turn, place_images, to_conversation
 from llava_train.data.templates import FAMILIES, get_family
 

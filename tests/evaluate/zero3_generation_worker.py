@@ -11,7 +11,8 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
 from llava_train.config.schema import DataConfig
-from llava_train.data.dataset import ConversationDataset, Encoder
+from llava_train.data.dataset import ConversationDataset
+from llava_train.data.encoder import Encoder
 from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import get_family
 from llava_train.evaluate.generate import generate_predictions

@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import DEMO, tiny_family_dir
 from llava_train.constants import IGNORE_INDEX
-from llava_train.data.dataset import Encoder
+from llava_train.data.encoder import Encoder
 from llava_train.data.formats import Conversation, Turn
 from llava_train.data.images import ImageGeometry
 from llava_train.data.templates import FAMILIES, get_family

@@ -1,5 +1,5 @@
 """Run identity without training: what defines a run (fingerprint), what a start in a used output folder does
-(the table in llava_train/train/identity.py), and the folder lock."""
+(the table in llava_train/train/run_folder.py), and the folder lock."""
 
 import json
 import os
@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from conftest import DEMO
 from llava_train.cli import CONFIG_DIR
 from llava_train.files import FolderLock, LockedError
-from llava_train.train.identity import LOCK_FILE, RUN_FILE, RunFolder, RunIdentity, decide, fingerprint_inputs
+from llava_train.train.identity import LOCK_FILE, RUN_FILE, RunIdentity, fingerprint_inputs
 from llava_train.train.resume import seal
+from llava_train.train.run_folder import RunFolder, decide
 from llava_train.train.validate import ConfigError
 
 
@@ -156,7 +157,7 @@ def test_symlinked_lazy_index_lock_never_truncates_its_target(tmp_path, processo
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     os.symlink(victim, tmp_path / "train.json.lazyindex.lock")
-    from llava_train.data.dataset import Encoder
+    from llava_train.data.encoder import Encoder
     from llava_train.data.images import ImageGeometry
     from llava_train.data.templates import get_family
 
