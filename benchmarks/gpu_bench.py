@@ -220,7 +220,7 @@ def run_one(name: str, args) -> dict:
                 torch.cuda.reset_peak_memory_stats()
 
     job.output_dir = str(work / f"out-{name}")
-    trainer, _ = build_trainer(job, model, train_ds, processor, Path(job.output_dir), callbacks=[StepClock()])
+    trainer = build_trainer(job, model, train_ds, processor, Path(job.output_dir), callbacks=[StepClock()])
     original = trainer.get_train_dataloader
     trainer.get_train_dataloader = lambda: TimedLoader(original(), stats)
     if cuda:

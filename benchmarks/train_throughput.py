@@ -199,7 +199,7 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
     torch.manual_seed(0)
     model = build_model(job.model, job.peft, str(ckpt), seed=0)
     out = Path(tempfile.mkdtemp(prefix="llava-tp-"))
-    trainer, _ = build_trainer(job, model, train_ds, processor, out)
+    trainer = build_trainer(job, model, train_ds, processor, out)
     if name == "llava_full_head":  # the model's own loss: every position projected onto the vocabulary
         trainer.compute_loss = functools.partial(Trainer.compute_loss, trainer)
     counting = Counting(trainer.data_collator)

@@ -172,7 +172,7 @@ def test_cpu_adam_steps_like_torch_adamw_with_the_same_groups(tiny_dir, processo
                              optim=OptimConfig(lr=1e-2, projector_lr=3e-3, weight_decay=0.1))
         job.trainer.max_steps = 1
         job.data.group_by_length = job.data.group_by_modality = False
-        trainer, _ = build_trainer(job, model, [], processor, tmp_path / str(cpu_adam))
+        trainer = build_trainer(job, model, [], processor, tmp_path / str(cpu_adam))
         trainer.deepspeed_cfg = DeepSpeedConfig(stage=2, offload_optimizer=True, cpu_adam=cpu_adam)
         opt = trainer.create_optimizer()
         assert (type(opt).__name__ == "DeepSpeedCPUAdam") is cpu_adam
