@@ -20,8 +20,8 @@ step, out, *overrides = sys.argv[1:]
 
 class KillAfterSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
-        # runs after CheckpointSealer (the recipe's callbacks come first): every rank has written and the
-        # checkpoint is sealed
+        # HF calls on_save after LlavaTrainer._save_checkpoint, which publishes the checkpoint once every rank
+        # has written it and it is sealed
         if state.global_step == int(step) and state.is_world_process_zero:
             os.killpg(os.getpgid(0), signal.SIGKILL)
 

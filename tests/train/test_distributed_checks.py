@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from llava_train.cli import CONFIG_DIR
 from llava_train.config import DeepSpeedConfig
 from llava_train.model.quantize import quantization_config
-from llava_train.train.distributed import VisionKeepAlive, deepspeed_config, uses_cpu_adam
+from llava_train.train.distributed import VisionKeepAlive, deepspeed_config, use_cpu_adam
 from llava_train.train.validate import ConfigError, check_train
 
 
@@ -74,10 +74,10 @@ def test_quant_storage_auto_is_model_dtype_when_sharded(dtype, storage, sharded,
 
 def test_offload_uses_deepspeed_cpu_adam_unless_opted_out():
     ds = _job(["deepspeed=zero3_offload"]).deepspeed
-    assert uses_cpu_adam(deepspeed_config(ds)) and "zero_force_ds_cpu_optimizer" not in deepspeed_config(ds)
+    assert use_cpu_adam(ds) and "zero_force_ds_cpu_optimizer" not in deepspeed_config(ds)
     ds.cpu_adam = False
-    assert not uses_cpu_adam(deepspeed_config(ds)) and deepspeed_config(ds)["zero_force_ds_cpu_optimizer"] is False
-    assert not uses_cpu_adam(deepspeed_config(_job(["deepspeed=zero3"]).deepspeed)) and not uses_cpu_adam(None)
+    assert not use_cpu_adam(ds) and deepspeed_config(ds)["zero_force_ds_cpu_optimizer"] is False
+    assert not use_cpu_adam(_job(["deepspeed=zero3"]).deepspeed)
 
 
 def test_bad_scale_out_settings_all_listed():
