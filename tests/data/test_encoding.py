@@ -2,26 +2,14 @@
 reply's generation prompt tokenised from the start), and the work is linear in the number of turns."""
 
 import pytest
-from transformers import AutoTokenizer
 
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.encoder import Encoder
 from llava_train.data.formats import Conversation, DataError, Turn
 from llava_train.data.images import ImageGeometry
-from llava_train.data.templates import FAMILIES, SPECIAL_TOKENS, get_family
+from llava_train.data.templates import FAMILIES, get_family
 
 GEO = ImageGeometry(image_size=336, patch_size=14, grid_pinpoints=((336, 672), (672, 336), (672, 672)))
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tiny_dir):
-    out = {}
-    for name in FAMILIES:
-        tok = AutoTokenizer.from_pretrained(str(tiny_dir))
-        if SPECIAL_TOKENS[name]:
-            tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[name])})
-        out[name] = tok
-    return out
 
 
 def reference_labels(tok, family, turns):

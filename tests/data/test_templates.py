@@ -6,13 +6,12 @@ Mistral tokenizer plus that family's special tokens added as special tokens (una
 would split into 7 pieces and nothing would be checked)."""
 
 import pytest
-from transformers import AutoTokenizer
 
 from llava_train.constants import IGNORE_INDEX
 from llava_train.data.encoder import Encoder
 from llava_train.data.formats import Conversation, DataError, Turn
 from llava_train.data.images import ImageGeometry, num_image_tokens
-from llava_train.data.templates import FAMILIES, SPECIAL_TOKENS, get_family
+from llava_train.data.templates import FAMILIES, get_family
 
 GEO = ImageGeometry(image_size=336, patch_size=14,
                     grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)))
@@ -46,17 +45,6 @@ CONVS = {
                Turn("user", "Again?"), Turn("assistant", "Red.")],
 }
 N_IMAGES = {"multi_turn": 1, "multi_image": 2, "system": 1}
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tiny_dir):
-    out = {}
-    for name in FAMILIES:
-        tok = AutoTokenizer.from_pretrained(str(tiny_dir))
-        if SPECIAL_TOKENS[name]:
-            tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[name])})
-        out[name] = tok
-    return out
 
 
 def _encoder(tokenizers, name, **kw):
