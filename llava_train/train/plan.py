@@ -10,7 +10,8 @@ The terms, per GPU (N = world size, b = bytes per element of the model dtype):
   4-bit: 0.5 byte per weight + one absmax per 64 weights (1 byte with double quantisation, plus one fp32
   per 256 blocks; 4 bytes without); 8-bit: 1 byte per weight + one fp32 scale per output row. Outside
   ZeRO-3, k-bit preparation upcasts the other 16-bit parameters to fp32 (as `apply_peft` does).
-  ZeRO-3 divides parameters by N and adds the largest decoder layer gathered for compute;
+  ZeRO-3 divides parameters by N (QLoRA: the packed 4-bit weights; their absmax state stays whole on every
+  rank) and adds the largest decoder layer gathered for compute;
   `offload_param` keeps only that gathered layer on the GPU.
 - **gradients**: trainable numel x its dtype size; divided by N from ZeRO-2 on.
 - **optimizer**: plain (no DeepSpeed): torch AdamW, two states in each parameter's dtype plus a 4-byte
@@ -76,6 +77,7 @@ class Plan:
     params_trainable: int = 0
     params_frozen: int = 0
     params_quantised: int = 0
+    quant_state: int = 0  # of params_quantised: the 4-bit absmax state, which ZeRO-3 does not partition
     trainable_numel: int = 0
     total_numel: int = 0
     gradients: int = 0
@@ -184,13 +186,14 @@ def _quantised(name: str, module, cfg: TrainJobConfig) -> bool:
             and not any(base == s or base.startswith(s + ".") for s in cfg.peft.quant_skip_modules))
 
 
-def quantised_bytes(weight: torch.Tensor, cfg: TrainJobConfig) -> int:
+def quantised_bytes(weight: torch.Tensor, cfg: TrainJobConfig) -> tuple[int, int]:
+    """(packed weight bytes, quantisation-state bytes) of one quantised linear's weight."""
     n = weight.numel()
     if cfg.peft.bits == 8:
-        return n + 4 * weight.shape[0]
+        return n, 4 * weight.shape[0]
     blocks = math.ceil(n / 64)
     absmax = blocks + 4 * math.ceil(blocks / 256) if cfg.peft.double_quant else 4 * blocks
-    return math.ceil(n / 2) + absmax
+    return math.ceil(n / 2), absmax
 
 
 def parameter_bytes(model, cfg: TrainJobConfig, plan: Plan) -> None:
@@ -201,7 +204,9 @@ def parameter_bytes(model, cfg: TrainJobConfig, plan: Plan) -> None:
         for name, module in model.named_modules():
             if _quantised(name, module, cfg):
                 quantised.add(id(module.weight))
-                plan.params_quantised += quantised_bytes(module.weight, cfg)
+                packed, state = quantised_bytes(module.weight, cfg)
+                plan.params_quantised += packed + state
+                plan.quant_state += state
     tensors = 0
     for _, p in model.named_parameters():
         plan.total_numel += p.numel()
@@ -233,7 +238,12 @@ def apply_zero(plan: Plan, cfg: TrainJobConfig, layer_bytes: int) -> None:
         plan.cpu_offloaded += plan.optimizer + math.ceil(4 * plan.trainable_numel / n)
         plan.optimizer = 0
     if ds.stage == 3:
-        parts = [math.ceil(x / n) for x in (plan.params_trainable, plan.params_frozen, plan.params_quantised)]
+        # a bitsandbytes weight's quantisation state is a Python attribute of the parameter: ZeRO-3 partitions
+        # the packed weights (peft.quant_storage) but every rank keeps the whole state (the 2-rank QLoRA test's
+        # shard report, tests/train/test_distributed.py)
+        packed = plan.params_quantised - plan.quant_state
+        parts = [math.ceil(plan.params_trainable / n), math.ceil(plan.params_frozen / n),
+                 math.ceil(packed / n) + plan.quant_state]
         if ds.offload_param:
             plan.cpu_offloaded += sum(parts)
             parts = [0, 0, 0]

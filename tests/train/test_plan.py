@@ -122,3 +122,15 @@ def test_scanned_data_gives_counts_and_steps(tmp_path, tiny_dir):
     assert 0 < plan.stats.max_tokens <= cfg.data.max_length and plan.stats.trained_tokens > 0
     assert plan.tokens_per_step == 8 * plan.stats.max_tokens
     assert plan.seconds_per_epoch == pytest.approx(3 * plan.tokens_per_step / 200)
+
+
+def test_qlora_zero3_shards_packed_weights_not_their_state(monkeypatch):
+    # ZeRO-3 partitions the packed 4-bit weights over the ranks; each weight's absmax state stays whole on every
+    # rank (what the 2-rank QLoRA run's shard report shows, tests/train/test_distributed.py)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["model=llava-v1.6-mistral-7b", "peft=qlora", "data.train_path=/data/mix.json"]
+    one = build(job([*base, "plan.world_size=1"]))
+    eight = build(job([*base, "deepspeed=zero3", "plan.world_size=8"]))
+    assert 3 * GB < one.params_quantised < 4 * GB and one.quant_state > 0  # ~7B 4-bit weights + state
+    packed = one.params_quantised - one.quant_state
+    assert eight.params_quantised == -(-packed // 8) + one.quant_state
