@@ -58,7 +58,7 @@ def build_card(*, kind: str, repo_id: str, base_model: str, datasets: list[str],
              + (" (LoRA adapter)." if kind == "adapter" else " (adapter merged into the weights)."), ""]
     if datasets:
         lines += ["Training data: " + ", ".join(f"`{d}`" for d in datasets), ""]
-    family = train_cfg.get("model", {}).get("family")
+    family = train_cfg.model.family
     if family:
         lines += [f"Prompt format: the `{family}` family as trained; the processor's chat template in this folder "
                   "renders it exactly, and `generation_config.json` stops on its end-of-turn token.", ""]
