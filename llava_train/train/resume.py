@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import json
 import multiprocessing
+import multiprocessing.util  # registers its exit hook now, so `_kill_workers_at_exit` (registered later) runs first
 import re
 import signal
 from pathlib import Path
@@ -131,7 +132,7 @@ def ignore_signals_in_worker(signals: list[int], init_fn=None):
     sure workers are stopped at exit (`_kill_workers_at_exit`)."""
     global _EXIT_HOOK
     if not _EXIT_HOOK:
-        atexit.register(_kill_workers_at_exit)  # runs before multiprocessing's own exit hook (registered earlier)
+        atexit.register(_kill_workers_at_exit)  # runs before multiprocessing's own (atexit is LIFO; see the import)
         _EXIT_HOOK = True
     return _WorkerInit(tuple(signals), init_fn)
 
