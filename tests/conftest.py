@@ -128,3 +128,20 @@ def trained_run(tmp_path_factory, tiny_dir):
         with contextlib.redirect_stdout(buf):
             results = run(cfg, str(out), callbacks=[KeepFinalModel()])
     return _TrainedRun(out, eval_path, buf.getvalue(), results, KeepFinalModel.model)
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tiny_dir):
+    """A stand-in tokenizer per family: the tiny model's Mistral tokenizer with the family's special tokens
+    added (the data tests; real tokenizers per family: tests/model/test_families.py)."""
+    from transformers import AutoTokenizer
+
+    from llava_train.data.templates import FAMILIES, SPECIAL_TOKENS
+
+    out = {}
+    for name in FAMILIES:
+        tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+        if SPECIAL_TOKENS[name]:
+            tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[name])})
+        out[name] = tok
+    return out
