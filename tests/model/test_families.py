@@ -155,7 +155,7 @@ def _run_family(family: str, runs: dict, tmp_path_factory):
     from omegaconf import OmegaConf
 
     from llava_train.cli import CONFIG_DIR
-    from llava_train.config.schema import ExportConfig
+    from llava_train.config.jobs import ExportConfig
     from llava_train.export.run import run as export
     from llava_train.train.recipe import run as train
 
@@ -182,7 +182,8 @@ def _run_family(family: str, runs: dict, tmp_path_factory):
 def test_train_export_chat(family, family_runs, tmp_path_factory):
     from transformers import AutoProcessor, GenerationConfig
 
-    from llava_train.config.schema import ChatJobConfig, ModelConfig
+    from llava_train.config.jobs import ChatJobConfig
+    from llava_train.config.schema import ModelConfig
     from llava_train.evaluate.chat import Chat, _message
 
     out = _run_family(family, family_runs, tmp_path_factory)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from llava_train.cli import CONFIG_DIR
+from llava_train.config.demo import demo_overrides
 from llava_train.train.recipe import run
 
 step, out, *overrides = sys.argv[1:]
@@ -27,5 +28,5 @@ class KillAfterSave(TrainerCallback):
 
 
 with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-    cfg = OmegaConf.to_object(compose("train", overrides=overrides))
+    cfg = OmegaConf.to_object(compose("train", overrides=demo_overrides("train", overrides)))  # as the CLI
 run(cfg, out, callbacks=[KillAfterSave()])

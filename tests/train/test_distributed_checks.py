@@ -49,11 +49,11 @@ def test_deepspeed_auto_values_filled_by_trainer(tmp_path):
 
 
 def test_qlora_with_zero3_accepted_and_8bit_refused_with_reason():
-    cfg = _job(["deepspeed=zero3", "peft=qlora", "data.train_path=/nonexistent.json"])
+    cfg = _job(["deepspeed=zero3", "peft=qlora", "data.train_path=/nonexistent.json", "data.eval_path=null"])
     with pytest.raises(ConfigError) as err:
         check_train(cfg)  # before any weights load
     assert [p for p in err.value.problems if "data.train_path" in p] == err.value.problems  # QLoRA x ZeRO-3 is fine
-    cfg = _job(["deepspeed=zero3", "peft=qlora_8bit", "data.train_path=/nonexistent.json"])
+    cfg = _job(["deepspeed=zero3", "peft=qlora_8bit", "data.train_path=/nonexistent.json", "data.eval_path=null"])
     with pytest.raises(ConfigError) as err:
         check_train(cfg)
     msg = [p for p in err.value.problems if "peft.bits=8" in p]
