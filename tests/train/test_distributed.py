@@ -66,7 +66,7 @@ def common_overrides(data: Path, eval_path=None) -> list[str]:
     return [f"data.train_path={data}", f"data.image_root={DEMO}", f"data.eval_path={eval_path or 'null'}",
             f"trainer.max_steps={STEPS}", "trainer.logging_steps=1", "trainer.data_order=sequential",
             "data.group_by_length=false", "data.group_by_modality=false", "trainer.disable_tqdm=true",
-            "model.dtype=fp32", "peft.dropout=0.0"]
+            "model.dtype=fp32", "peft.dropout=0.0", "data.num_workers=0"]  # workers: tests/train/test_faults.py
 
 
 def deepspeed_env() -> dict:
