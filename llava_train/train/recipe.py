@@ -41,7 +41,7 @@ from llava_train.train.distributed import (
     teardown,
 )
 from llava_train.train.identity import RunIdentity
-from llava_train.train.resume import Preemption, stop_workers
+from llava_train.train.resume import Preemption
 from llava_train.train.run_folder import Claim, RunFolder
 from llava_train.train.trainer import LlavaTrainer, stream_state_file
 from llava_train.train.validate import check_fits, check_train
@@ -64,7 +64,6 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     try:
         return train(cfg, out, claim, callbacks)
     finally:
-        stop_workers()  # DataLoader workers ignore SIGTERM (preemption): stopped here, not left to exit hooks
         folder.release()
 
 

@@ -143,18 +143,11 @@ _EXIT_HOOK = False
 def _kill_workers_at_exit() -> None:
     """At exit multiprocessing terminates daemonic children (DataLoader workers still alive when the loader was
     not shut down) with SIGTERM, which these workers ignore, and then waits for them forever: end them with
-    SIGKILL instead (they hold nothing to save). Also called when a run ends (`stop_workers`)."""
+    SIGKILL instead (they hold nothing to save)."""
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
             child.join(timeout=5)
-
-
-def stop_workers() -> None:
-    """End the DataLoader workers (persistent ones outlive `trainer.train`) once a run is over; they ignore
-    SIGTERM, so multiprocessing's own exit hook could not stop them (a no-op when no worker was started here)."""
-    if _EXIT_HOOK:
-        _kill_workers_at_exit()
 
 
 class _WorkerInit:
