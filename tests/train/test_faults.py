@@ -30,6 +30,7 @@ COMMON = [f"data.train_path={DEMO / 'train.json'}", f"data.image_root={DEMO}", "
           "trainer.save_total_limit=null", "trainer.per_device_train_batch_size=2", "trainer.disable_tqdm=true",
           "peft.dropout=0.0"]
 ENV = {"OMP_NUM_THREADS": "1"}
+ENDLESS = 10**6  # steps of a run that only a signal ends (TIMEOUT fails the test if it does not)
 
 # The recipe, SIGKILLed while HF writes the optimizer state of checkpoint-<kill_step> (after the adapter).
 KILLED_WHILE_SAVING = r"""
@@ -210,7 +211,8 @@ def test_sigterm_to_process_group_with_workers_one_rank(tmp_path, tiny_dir):
     from transformers import LlavaNextForConditionalGeneration
 
     out = tmp_path / "run"
-    args = [*COMMON, "trainer.max_steps=200", "trainer.save_steps=1000", "data.num_workers=2"]
+    # far more steps than the test lets run (the second start can take longer than 200 steps under load)
+    args = [*COMMON, f"trainer.max_steps={ENDLESS}", f"trainer.save_steps={ENDLESS}", "data.num_workers=2"]
     proc = _start([sys.executable, "-m", "llava_train", "train", f"output_dir={out}", *args])
     second = {}
 
@@ -232,7 +234,8 @@ def test_sigterm_to_process_group_with_workers_one_rank(tmp_path, tiny_dir):
 def test_sigterm_to_process_group_with_workers_two_ranks(tmp_path, tiny_dir):
     out = tmp_path / "run"
     proc = _start(["bash", "launch/torchrun.sh", f"output_dir={out}", "deepspeed=none", *COMMON,
-                   "trainer.max_steps=200", "trainer.save_steps=1000", "trainer.per_device_train_batch_size=1",
+                   f"trainer.max_steps={ENDLESS}", f"trainer.save_steps={ENDLESS}",
+                   "trainer.per_device_train_batch_size=1",
                    "data.num_workers=2"],
                   env={"PYTHON": sys.executable, "NPROC_PER_NODE": "2", "MASTER_PORT": free_port()})
     output = _sigterm_group_after_first_step(proc)
