@@ -1,10 +1,11 @@
 """The training dataset: lazy for every source kind, so no rank preprocesses the data at start.
 
 At start only length estimates are made, never a tokenisation, a parse or an image read:
-- local JSON/JSONL: the file's raw bytes are scanned once, vectorised and in chunks (`LazyIndex`): where
-  each record is (byte offset and size), how many turns and images it has. Per sample the index keeps 17
-  bytes (offset, size, estimated length, has-image); it is saved next to the data file (keyed by size
-  and mtime) under a file lock, so with several ranks one scans and the others load it;
+- local JSON/JSONL: the file's raw bytes are scanned once, vectorised and in parallel (`LazyIndex`,
+  data/jsonscan.py): where each record is (byte offset and size), how many turns and images it has. Per
+  sample the index keeps 17 bytes (offset, size, estimated length, has-image); it is saved next to the
+  data file (keyed by size and mtime) under a file lock, so with several ranks one scans and the others
+  load it;
 - HF sources (parquet/arrow/csv, save_to_disk, hub): `datasets` memory-maps the Arrow data; estimates
   come from the text columns (`ArrowRows`), image bytes are read per sample at fetch.
 The estimate is text bytes / `CHARS_PER_TOKEN` plus a per-turn allowance plus, per image, the exact token
@@ -35,6 +36,7 @@ from llava_train.data.dataset import ExampleDataset, FetchSkips, SkipReport, as_
 from llava_train.data.encoder import Encoder
 from llava_train.data.formats import DataError, parse_line
 from llava_train.data.images import ImageGeometry, num_image_tokens
+from llava_train.data.jsonscan import scan
 from llava_train.data.sources import Source, apply_weight, default_image_root, describe, load_hf
 from llava_train.files import open_lock
 
@@ -44,23 +46,20 @@ CHARS_PER_TOKEN = 3.6
 """Characters per token of English chat text with Llama/Mistral tokenizers (measured by
 benchmarks/data_pipeline.py on the generated mix)."""
 TOKENS_PER_TURN = 6  # template scaffolding per turn ([INST] ... [/INST], </s>)
-CHUNK = 32 << 20  # bytes read per step of the scan
 
 
 class LazyIndex:
     """Byte offsets and estimated lengths of the records of a LLaVA JSON list or a JSONL file.
 
-    The scan is vectorised over raw bytes (numpy), `CHUNK` bytes at a time: unescaped quotes give the
-    string state, braces outside strings give each top-level object's start and end. Per record it
-    counts turns (`"from"`/`"role"` keys) and images (`<image>` placeholders, `{"type": "image"}` parts);
-    text characters are the record's bytes minus the JSON scaffolding of its turns. No record is parsed:
-    a malformed one fails when it is fetched (counted like any bad sample).
+    From a parallel scan of the raw bytes (data/jsonscan.py): where each record is, how many turns and
+    images it has; text characters are the record's bytes minus the JSON scaffolding of its turns. No
+    record is parsed: a malformed one fails when it is fetched (counted like any bad sample).
     """
 
     def __init__(self, path: str | Path, *, image_tokens: int, cache: bool = False):
         self.path = Path(path)
         self.image_tokens = image_tokens
-        starts, ends, turns, images = _cached_scan(self.path) if cache else _scan(self.path)
+        starts, ends, turns, images = _cached_scan(self.path) if cache else scan(self.path)
         self.offsets = starts
         self.sizes = (ends - starts).astype(np.int32)
         text_bytes = np.maximum(self.sizes - RECORD_OVERHEAD - TURN_OVERHEAD * turns, 0)
@@ -77,18 +76,15 @@ class LazyIndex:
 
 RECORD_OVERHEAD = 70  # bytes of {"id": ..., "image": ..., "conversations": [...]} around the turns
 TURN_OVERHEAD = 34  # bytes of {"from": "human", "value": ""}, around one turn's text
-_TURN = (b'"from":', b'"from" :', b'"role":', b'"role" :')
-_IMAGE = (IMAGE_TOKEN.encode(), b'"type": "image"', b'"type":"image"')
-_LONGEST = max(len(p) for p in _TURN + _IMAGE)
-assert all(p[0] in (34, 60) for p in _TURN + _IMAGE)  # '"' or '<': the candidates _scan gathers
 
 
 _CACHE_VERSION = 1
 
 
 def _cached_scan(path: Path):
-    """`_scan`, saved next to the data file as `<name>.lazyindex.npz` (keyed by size and mtime) under a file
-    lock: with several ranks one scans and the others load; a restart loads. Unwritable folder: just scan."""
+    """`jsonscan.scan`, saved next to the data file as `<name>.lazyindex.npz` (keyed by size and mtime) under
+    a file lock: with several ranks one scans and the others load; a restart loads. Unwritable folder: just
+    scan."""
     cache = path.with_name(path.name + ".lazyindex.npz")
     stat = path.stat()
     key = np.asarray([_CACHE_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
@@ -96,116 +92,19 @@ def _cached_scan(path: Path):
         lock = os.fdopen(open_lock(path.with_name(path.name + ".lazyindex.lock")), "r+")
     except OSError as e:
         log.warning("lazy index of %s not cached: %s", path, e)
-        return _scan(path)
+        return scan(path)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if cache.exists():
             with np.load(cache) as z:
                 if np.array_equal(z["key"], key):
                     return z["starts"], z["ends"], z["turns"], z["images"]
-        starts, ends, turns, images = _scan(path)
+        starts, ends, turns, images = scan(path)
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
         np.savez(tmp, key=key, starts=starts, ends=ends, turns=turns, images=images)
         os.replace(tmp, cache)
         log.info("lazy index of %s saved to %s", path, cache)
     return starts, ends, turns, images
-
-
-def _match(a: np.ndarray, candidates: np.ndarray, second: np.ndarray, pat: bytes) -> np.ndarray:
-    """Those `candidates` (positions of `pat[0]` in `a`; `second`: the byte after each) where `pat` starts."""
-    at = candidates[second == pat[1]]
-    at = at[at <= len(a) - len(pat)]
-    for k in range(2, len(pat)):
-        at = at[a[at + k] == pat[k]]
-    return at
-
-
-def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(start offsets, end offsets, turns, images) of every top-level JSON object in the file; of every
-    non-blank line of a JSONL file (split on `\\n` only), so a malformed line is one bad record, counted
-    when fetched, not a broken index."""
-    lines = path.suffix == ".jsonl"
-    newlines: list[np.ndarray] = []
-    starts: list[np.ndarray] = []
-    ends: list[np.ndarray] = []
-    turn_pos: list[np.ndarray] = []
-    image_pos: list[np.ndarray] = []
-    in_string, depth, base, tail = False, 0, 0, b""
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(CHUNK)
-            if not chunk:
-                break
-            # Work on the last bytes of the previous chunk + this chunk: keys and escapes may straddle.
-            pre = tail[-_LONGEST:]
-            skip = len(pre)
-            ctx = np.frombuffer(pre + chunk, dtype=np.uint8)
-            quotes = np.flatnonzero(ctx == 34)  # '"' (one pass, reused for the keys below)
-            angles = np.flatnonzero(ctx == 60)  # '<'
-            after = {34: (quotes, ctx[np.minimum(quotes + 1, len(ctx) - 1)]),
-                     60: (angles, ctx[np.minimum(angles + 1, len(ctx) - 1)])}  # gathered once per chunk
-            for patterns, found in ((_TURN, turn_pos), (_IMAGE, image_pos)):
-                for pat in patterns:
-                    at = _match(ctx, *after[pat[0]], pat)
-                    found.append(base - skip + at[at + len(pat) > skip])
-            q = quotes[quotes >= skip] - skip
-            a = ctx[skip:]
-            if lines:
-                newlines.append(base + np.flatnonzero(a == 10))
-                base += len(chunk)
-                tail = (tail + chunk)[-64:]
-                continue
-            if len(q):  # a quote after an odd run of backslashes is escaped (rare: look each one up)
-                maybe = q[ctx[q + skip - 1] == 92] if skip else q[(q > 0) & (a[np.maximum(q - 1, 0)] == 92)]
-                if len(maybe):
-                    keep = np.ones(len(q), dtype=bool)
-                    full = tail + chunk
-                    for p in maybe.tolist():
-                        k, run = p + len(tail) - 1, 0
-                        while k >= 0 and full[k] == 92:
-                            run, k = run + 1, k - 1
-                        if run % 2:
-                            keep[np.searchsorted(q, p)] = False
-                    q = q[keep]
-            b = np.flatnonzero((a & 0xF9) == 0x79)  # '{' 0x7B, '}' 0x7D (and 'y', DEL: dropped next)
-            b = b[(a[b] == 123) | (a[b] == 125)]
-            outside = ((np.searchsorted(q, b) + in_string) % 2) == 0
-            b = b[outside]
-            step = np.where(a[b] == 123, 1, -1)
-            level = depth + np.cumsum(step)
-            starts.append(base + b[(step == 1) & (level == 1)])
-            ends.append(base + b[(step == -1) & (level == 0)] + 1)
-            if len(level):
-                depth = int(level[-1])
-            in_string = bool((len(q) + in_string) % 2)
-            base += len(chunk)
-            tail = (tail + chunk)[-64:]
-    if lines:
-        nl = np.concatenate(newlines) if newlines else np.zeros(0, dtype=np.int64)
-        s = np.concatenate([[0], nl + 1])
-        e = np.concatenate([nl, [base]])
-        short = np.flatnonzero(e - s <= 8)  # blank lines ("", "\r", spaces) are not records
-        if len(short):
-            blank = np.zeros(len(s), dtype=bool)
-            with open(path, "rb") as f:
-                for k in short.tolist():
-                    f.seek(int(s[k]))
-                    blank[k] = not f.read(int(e[k] - s[k])).strip()
-            s, e = s[~blank], e[~blank]
-    else:
-        s = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
-        e = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
-    if not lines and (len(s) != len(e) or depth != 0):
-        raise DataError(f"unbalanced JSON: {len(s)} object start(s), {len(e)} end(s); the file is truncated or "
-                        "malformed", source=str(path), kind="malformed_json")
-
-    def per_record(pos: list[np.ndarray]) -> np.ndarray:
-        p = np.concatenate(pos) if pos else np.zeros(0, dtype=np.int64)
-        k = np.searchsorted(s, p, side="right") - 1
-        k = k[(k >= 0) & (p < e[np.maximum(k, 0)])]
-        return np.bincount(k, minlength=len(s)).astype(np.int32)
-
-    return s.astype(np.int64), e.astype(np.int64), per_record(turn_pos), per_record(image_pos)
 
 
 def estimate(text_bytes, turns, images, image_tokens: int) -> np.ndarray:

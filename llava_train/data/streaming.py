@@ -26,7 +26,7 @@ import glob
 import logging
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -176,10 +176,12 @@ class StreamingLoader:
     and collates each batch with `collate`. It keeps its own epochs (each pass over the stream is one) and
     has no `set_epoch`: HF Trainer's epoch counter means nothing for data without a length."""
 
-    def __init__(self, dataset: StreamingDataset, collate, *, num_workers: int, prefetch_factor: Optional[int] = None):
+    def __init__(self, dataset: StreamingDataset, collate, *, num_workers: int, prefetch_factor: Optional[int] = None,
+                 worker_init_fn: Optional[Callable[[int], None]] = None):
         self.dataset, self.collate = dataset, collate
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
+        self.worker_init_fn = worker_init_fn
         self.consumed: dict[int, int] = {}
 
     def state_dict(self) -> dict:
@@ -196,7 +198,8 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.resume = dict(self.consumed)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                             prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                                             worker_init_fn=self.worker_init_fn)
         # The DataLoader asks workers in turn from worker 0; an uninterrupted epoch's batch t comes from
         # worker t % W. After a resume, batches are put back in that order (a worker whose turn it is but
         # which has ended is noticed when the others are 2 rounds ahead, and leaves the rotation).

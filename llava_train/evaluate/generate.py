@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
+from llava_train import ranks
 from llava_train.constants import IMAGE_SIZES, INPUT_IDS, PIXEL_VALUES
 from llava_train.data.collate import Collator
 from llava_train.data.dataset import ConversationDataset
@@ -60,11 +61,7 @@ def _prompt_item(ds: ConversationDataset, i: int) -> dict[str, Any]:
 
 
 def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return ranks.rank(), ranks.world_size()
 
 
 def _zero3() -> bool:

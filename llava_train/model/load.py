@@ -55,7 +55,7 @@ def attn_implementation(requested: str) -> str:
     from transformers.utils import is_flash_attn_2_available
 
     chosen = "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
-    print(f"model.attn_implementation=auto -> {chosen}", flush=True)
+    log.info(f"model.attn_implementation=auto -> {chosen}")
     return chosen
 
 

@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from llava_train.config.schema import EvalConfig, LoggerConfig, TrainJobConfig
 from llava_train.evaluate.generate import Prediction, generate_predictions, metrics
 from llava_train.files import write_text_atomic
+from llava_train.ranks import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Tracking(TrainerCallback):
         self.wandb = wandb.init(project=self.cfg.project, entity=self.cfg.entity, name=run_name(self.cfg, self.out),
                                 tags=list(self.cfg.tags), config=self.config, dir=self.cfg.dir or str(self.out),
                                 mode=mode, reinit="finish_previous")
-        print(f"wandb: run {self.wandb.name!r} ({mode}) in {self.wandb.dir}", flush=True)
+        log.info(f"wandb: run {self.wandb.name!r} ({mode}) in {self.wandb.dir}")
 
     # --- events -------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -268,7 +269,7 @@ def in_training_eval_set(cfg: EvalConfig, eval_ds):
 
 def attach_callbacks(trainer, cfg: TrainJobConfig, eval_ds, tokenizer, out: Path) -> Tracking:
     """Add tracking (always) and the generation metrics to HF's scheduled evaluations (when it has any)."""
-    tracking = Tracking(cfg.logger, cfg, out, eval_ds, is_main=trainer.is_world_process_zero())
+    tracking = Tracking(cfg.logger, cfg, out, eval_ds, is_main=is_main_process())
     tracking.start()
     trainer.add_callback(tracking)
     if hasattr(trainer, "checkpoint_writers"):

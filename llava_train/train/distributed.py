@@ -1,4 +1,4 @@
-"""Running on several ranks: the DeepSpeed config, process-group setup/teardown, rank-0-only output,
+"""Running on several ranks: the DeepSpeed config, process-group setup/teardown,
 and the ZeRO-3 fix for ranks whose batch has no image.
 
 Launchers (launch/torchrun.sh, launch/deepspeed.sh, launch/slurm.sbatch, `accelerate launch --multi_gpu`)
@@ -9,8 +9,8 @@ set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; a SLURM job started by the sub
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -19,20 +19,11 @@ from transformers import TrainerCallback
 
 from llava_train.config import DeepSpeedConfig, FsdpConfig, PeftConfig
 from llava_train.constants import PIXEL_VALUES
+from llava_train.ranks import is_main_process, rank, world_size
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    return rank() == 0
 
 
 def check_deepspeed(cfg: DeepSpeedConfig, peft: PeftConfig) -> list[str]:
@@ -195,9 +186,6 @@ def init_distributed(cfg: DeepSpeedConfig) -> bool:
         deepspeed.init_distributed(dist_backend=backend)
     else:
         dist.init_process_group(backend=backend)
-    if not is_main_process():
-        # rank-0-only console output: other ranks' stdout goes nowhere (stderr, i.e. errors, stays).
-        sys.stdout = open(os.devnull, "w")
     return True
 
 
@@ -332,4 +320,4 @@ class ShardReport(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.summary = shard_summary(model) if model is not None else {}
         if self.summary and is_main_process():
-            print(describe_shards(self.summary), flush=True)
+            log.info("%s", describe_shards(self.summary))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,13 +29,13 @@ from llava_train.model.load import load_model, load_processor, resolve_checkpoin
 from llava_train.model.quantize import quantization_config
 from llava_train.model.speed import apply_liger, compile_language_layers, resolve_tf32
 from llava_train.model.summary import describe
+from llava_train.ranks import is_main_process, log_on_main_process_only, rank, world_size
 from llava_train.train.callbacks import attach_callbacks, in_training_eval_set, report_to, run_name
 from llava_train.train.distributed import (
     ShardReport,
     distributed_arguments,
     gather_for_export,
     init_distributed,
-    is_main_process,
     main_process_first,
     teardown,
 )
@@ -58,6 +57,7 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
     check_train(cfg)
     check_fits(cfg)  # CUDA only: the `llava plan` total against the visible GPU memory
     init_distributed(cfg.deepspeed)  # before TrainingArguments (ZeRO-3 batch check, partitioned init)
+    log_on_main_process_only()
     out = Path(output_dir)
     folder = RunFolder(out)
     claim = folder.claim(cfg)  # refuses another run's folder or a live run there (train/identity.py)
@@ -70,18 +70,18 @@ def run(cfg: TrainJobConfig, output_dir: str, callbacks=()) -> dict[str, Any]:
 def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[str, Any]:
     identity = claim.identity
     if claim.moved_to:
-        print(f"{out} held an earlier run: moved it to {claim.moved_to}", flush=True)
+        log.info(f"{out} held an earlier run: moved it to {claim.moved_to}")
     if claim.finished:
-        print(f"run {identity.run_id} in {out} has already finished: nothing to do (trainer.resume=false starts "
-              "it anew, moving this one aside)", flush=True)
+        log.info(f"run {identity.run_id} in {out} has already finished: nothing to do (trainer.resume=false starts "
+                 "it anew, moving this one aside)")
         teardown()
         return json.loads((out / "metrics.json").read_text())
-    print(f"run {identity.run_id} (fingerprint {identity.fingerprint}) in {out}", flush=True)
+    log.info(f"run {identity.run_id} (fingerprint {identity.fingerprint}) in {out}")
     torch.manual_seed(cfg.seed)
 
     with main_process_first():
         checkpoint = resolve_checkpoint(cfg.model)
-    print(f"base checkpoint: {checkpoint}", flush=True)
+    log.info(f"base checkpoint: {checkpoint}")
     processor = load_processor(checkpoint, cfg.model.family)  # the family's training chat template, saved everywhere
     train_ds, eval_ds = build_datasets(cfg.data, cfg.model, processor,
                                        batch_size=cfg.trainer.per_device_train_batch_size, seed=cfg.seed)
@@ -101,15 +101,15 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
     tracking = attach_callbacks(trainer, cfg, eval_ds, processor.tokenizer, out)
     resume_from = claim.resume
     if resume_from:
-        print(f"resuming from {resume_from}", flush=True)
+        log.info(f"resuming from {resume_from}")
         if cfg.data.streaming:  # the stream's position, saved with each checkpoint (LlavaTrainer)
-            trainer.stream_state = json.loads(stream_state_file(resume_from, args.process_index).read_text())
+            trainer.stream_state = json.loads(stream_state_file(resume_from, rank()).read_text())
     start = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - start
     losses = loss_history(trainer.state.log_history)  # the whole run's, resumed or not
     if preemption.preempted:
-        print(f"preempted: checkpoint saved to {preemption.checkpoint}; resume with trainer.resume=auto", flush=True)
+        log.info(f"preempted: checkpoint saved to {preemption.checkpoint}; resume with trainer.resume=auto")
         teardown()
         return {"preempted": True, "checkpoint": preemption.checkpoint, "loss_history": losses}
 
@@ -117,7 +117,7 @@ def train(cfg: TrainJobConfig, out: Path, claim: Claim, callbacks=()) -> dict[st
     trainer.save_final(out / FINAL, processor)
 
     skipped = train_ds.skipped  # at start and at fetch (pixels that failed to decode), all workers
-    print(f"train: {skipped.summary()}", flush=True)
+    log.info(f"train: {skipped.summary()}")
     results: dict[str, Any] = {
         "run_id": identity.run_id,
         "train_loss": losses[-1][1] if losses else None,
@@ -155,19 +155,18 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, processor, *, batch_
         from llava_train.data.streaming import StreamingDataset
 
         train = StreamingDataset(as_sources(cfg.train_path, cfg)[0], cfg, encoder, processor.image_processor,
-                                 rank=int(os.environ.get("RANK", 0)),
-                                 world_size=int(os.environ.get("WORLD_SIZE", 1)), batch_size=batch_size, seed=seed)
-        print(f"train: streaming {cfg.train_path}", flush=True)
+                                 rank=rank(), world_size=world_size(), batch_size=batch_size, seed=seed)
+        log.info(f"train: streaming {cfg.train_path}")
         evals = ConversationDataset(cfg.eval_path, cfg, encoder, processor.image_processor) if cfg.eval_path else None
         return train, evals
     # lazy for every source: nothing tokenised or read at start on any rank (data/index.py); the eval set
     # is small and generation needs its conversations: indexed exactly
     train = LazyConversationDataset(cfg.train_path, cfg, encoder, processor.image_processor)
-    print(f"train: {len(train)} samples from {cfg.train_path} ({train.skipped.summary()})", flush=True)
+    log.info(f"train: {len(train)} samples from {cfg.train_path} ({train.skipped.summary()})")
     evals = None
     if cfg.eval_path:
         evals = ConversationDataset(cfg.eval_path, cfg, encoder, processor.image_processor)
-        print(f"eval: {len(evals)} samples from {cfg.eval_path} ({evals.skipped.summary()})", flush=True)
+        log.info(f"eval: {len(evals)} samples from {cfg.eval_path} ({evals.skipped.summary()})")
     return train, evals
 
 
@@ -177,7 +176,7 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *
     quantization = quantization_config(peft_cfg, model_cfg, sharded=zero_stage == 3)
     model = load_model(model_cfg, checkpoint, quantization_config=quantization)
     if model_cfg.liger:
-        print(f"liger: {apply_liger(model)} on the language model", flush=True)
+        log.info(f"liger: {apply_liger(model)} on the language model")
     if seed is not None:
         # adapter init from the seed alone: loading draws random numbers under ZeRO-3's partitioned init
         # (and when the tiny base is materialised) but not otherwise
@@ -187,11 +186,11 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, checkpoint: str, *
                        offload_checkpoints=offload_checkpoints)
     if model_cfg.compile:  # after peft: the compiled blocks include their LoRA layers
         n = compile_language_layers(model, model_cfg.compile_backend)
-        print(f"compile: {n} language-model blocks ({model_cfg.compile_backend})", flush=True)
-    print(f"method: {peft_cfg.method}, model.dtype: {model_cfg.dtype}", flush=True)
+        log.info(f"compile: {n} language-model blocks ({model_cfg.compile_backend})")
+    log.info(f"method: {peft_cfg.method}, model.dtype: {model_cfg.dtype}")
     attention = getattr(model.config, "_attn_implementation", None) or model_cfg.attn_implementation
-    print(describe(model, attn_implementation=attention,
-                   reentrant=checkpoint_reentrant(model_cfg, zero_stage)), flush=True)
+    log.info("%s", describe(model, attn_implementation=attention,
+                             reentrant=checkpoint_reentrant(model_cfg, zero_stage)))
     return model
 
 
@@ -266,9 +265,9 @@ def evaluate(model, eval_ds, tokenizer, cfg: TrainJobConfig, out: Optional[Path]
             for p in preds:
                 f.write(json.dumps({"id": p.id, "question": p.question, "reference": p.reference,
                                     "prediction": p.prediction}) + "\n")
-    print(f"eval accuracy (exact match): {m['exact_match']:.1%} on {m['count']} samples", flush=True)
+    log.info(f"eval accuracy (exact match): {m['exact_match']:.1%} on {m['count']} samples")
     for p in preds[: cfg.eval.show_samples]:
         mark = "ok " if p.exact else "BAD"
-        print(f"  [{mark}] {p.question!r} -> {p.prediction!r} (reference {p.reference!r})", flush=True)
+        log.info(f"  [{mark}] {p.question!r} -> {p.prediction!r} (reference {p.reference!r})")
     return {"eval_accuracy": m["exact_match"], "eval_contains_accuracy": m["contains_match"],
             "eval_count": m["count"]}

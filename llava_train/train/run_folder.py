@@ -23,7 +23,7 @@ from typing import Optional
 
 from llava_train.config import TrainJobConfig
 from llava_train.files import FolderLock, LockedError, free_name
-from llava_train.train.distributed import is_main_process
+from llava_train.ranks import is_main_process
 from llava_train.train.identity import LOCK_FILE, NOT_RUN_FILES, RUN_FILE, RunIdentity, differences
 from llava_train.train.resume import checkpoint_identity, is_complete, latest_complete
 from llava_train.train.validate import ConfigError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,12 +19,15 @@ from llava_train.files import publish, remove_staging
 from llava_train.model.adapter_files import save_unsaved_trainables
 from llava_train.model.param_groups import param_groups
 from llava_train.model.speed import OffloadActivations
+from llava_train.ranks import rank
 from llava_train.train.distributed import VisionKeepAlive, use_cpu_adam
 from llava_train.train.identity import STAGING, RunIdentity
 from llava_train.train.loss import sparse_inputs, sparse_lm_loss, trained_token_loss
 from llava_train.train.resume import ignore_signals_in_worker, seal
 
 SUPERSEDED = "superseded"  # where a published folder in the way of a new one is moved (never deleted)
+
+log = logging.getLogger(__name__)
 
 
 class LlavaTrainer(Trainer):
@@ -69,7 +73,8 @@ class LlavaTrainer(Trainer):
         workers = self.args.dataloader_num_workers
         if isinstance(self.train_dataset, StreamingDataset):
             self.stream_loader = StreamingLoader(self.train_dataset, self.data_collator, num_workers=workers,
-                                                 prefetch_factor=self.prefetch_factor)
+                                                 prefetch_factor=self.prefetch_factor,
+                                                 worker_init_fn=ignore_signals_in_worker(self.worker_ignored_signals))
             if self.stream_state is not None:
                 self.stream_loader.load_state_dict(self.stream_state)
             return self.stream_loader
@@ -123,9 +128,8 @@ class LlavaTrainer(Trainer):
                           "weight_decay": self.args.weight_decay, "adamw_mode": True}
             groups = param_groups(opt_model, self.optim_cfg)
             self.optimizer = cls(groups, **kwargs)
-            if self.is_world_process_zero():
-                names = ", ".join(f"{g['name']} (lr {g['lr']:g})" for g in groups)
-                print(f"optimizer: {cls.__name__}, groups: {names}", flush=True)
+            names = ", ".join(f"{g['name']} (lr {g['lr']:g})" for g in groups)
+            log.info(f"optimizer: {cls.__name__}, groups: {names}")
         return self.optimizer
 
     # --- atomic checkpoints: HF writes into a staging folder; rank 0 seals and renames it into place ------
@@ -152,7 +156,7 @@ class LlavaTrainer(Trainer):
                 self._staging = None
             if self.stream_loader is not None:  # every rank's stream position, sealed with the checkpoint
                 state = json.dumps(self.stream_loader.state_dict())
-                stream_state_file(folder, self.args.process_index).write_text(state)
+                stream_state_file(folder, rank()).write_text(state)
         if self.args.should_save:
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from transformers import SchedulerType
@@ -17,6 +16,7 @@ from llava_train.model.load import checkpoint_config, meta_model, resolve_checkp
 from llava_train.model.quantize import skip_problems
 from llava_train.model.speed import liger_text_problems, speed_problems
 from llava_train.model.targets import target_problems
+from llava_train.ranks import world_size
 from llava_train.resources import DEMO_DATA
 from llava_train.train.distributed import check_deepspeed, check_fsdp
 from llava_train.train.resume import check_resume_settings
@@ -28,10 +28,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def check_train(cfg: TrainJobConfig) -> None:

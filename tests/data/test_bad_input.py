@@ -2,6 +2,7 @@
 what to do; with data.on_error=skip the same samples are skipped and counted by kind."""
 
 import json
+import logging
 import struct
 import zlib
 from collections import Counter
@@ -133,7 +134,7 @@ def test_too_long_follows_overflow_policy(data_dir, encoder, processor):
         assert len(ds) == 1 and ds.skipped.counts == Counter(too_long=1)
 
 
-def test_the_run_reports_skips(data_dir, processor, capsys):
+def test_the_run_reports_skips(data_dir, processor, caplog):
     """Training data is lazy: bad samples are found when fetched (in workers), counted, replaced, and the
     whole report (kinds, ids, messages) is what the end-of-run summary prints."""
     from llava_train.config import ModelConfig
@@ -142,9 +143,10 @@ def test_the_run_reports_skips(data_dir, processor, capsys):
 
     path = _write(data_dir / "run.jsonl", [{"id": "g", "image": "ok.png", "conversations": _turns()}]
                   + [row for kind, row, _ in BAD if kind in ("missing_image", "unknown_role")])
+    caplog.set_level(logging.INFO, logger="llava_train")
     train, _ = build_datasets(DataConfig(train_path=str(path), on_error="skip", lazy_index_cache=False),
                               ModelConfig(path="tiny"), processor)
-    assert "train: 4 samples" in capsys.readouterr().out
+    assert "train: 4 samples" in caplog.text
     loader = torch.utils.data.DataLoader(train, batch_size=2, num_workers=2, collate_fn=Collator(pad_token_id=0))
     assert [b["input_ids"].shape[0] for b in loader] == [2, 2]  # every bad one replaced by the good one
     summary = train.skipped.summary()

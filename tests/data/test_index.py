@@ -9,7 +9,7 @@ import torch
 from conftest import DEMO
 from llava_train.config import DataConfig
 from llava_train.constants import INPUT_IDS, LABELS, PIXEL_VALUES
-from llava_train.data import index as index_mod
+from llava_train.data import jsonscan
 from llava_train.data.dataset import ConversationDataset
 from llava_train.data.formats import DataError
 from llava_train.data.index import LazyConversationDataset, LazyIndex
@@ -25,9 +25,13 @@ TRICKY = [
 
 
 @pytest.mark.parametrize("suffix,ascii_only", [(".json", True), (".json", False), (".jsonl", False)])
-@pytest.mark.parametrize("chunk", [7, 1 << 20])
-def test_boundaries_exact(tmp_path, monkeypatch, suffix, ascii_only, chunk):
-    monkeypatch.setattr(index_mod, "CHUNK", chunk)  # records and escapes straddle chunk borders
+@pytest.mark.parametrize("chunk,range_bytes", [(7, 1 << 30), (1 << 20, 1 << 30), (5, 23), (64, 101)])
+def test_boundaries_exact(tmp_path, monkeypatch, suffix, ascii_only, chunk, range_bytes):
+    # records, strings, keys and escapes straddle chunk borders and the borders of the ranges scanned in
+    # parallel (2 processes)
+    monkeypatch.setattr(jsonscan, "CHUNK", chunk)
+    monkeypatch.setattr(jsonscan, "RANGE_BYTES", range_bytes)
+    monkeypatch.setattr(jsonscan, "MAX_PROCESSES", 2)
     rows = TRICKY * 5
     path = tmp_path / f"d{suffix}"
     if suffix == ".jsonl":

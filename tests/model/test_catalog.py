@@ -1,6 +1,7 @@
 """The tabled configs of the released checkpoints (offline meta models) and the real-model configs'
 data.max_length, recomputed from the geometry with the project's image-token code."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -64,12 +65,13 @@ def test_geometry_from_config_equals_the_processors(tiny_dir, processor):
     assert geometry(checkpoint_config(str(tiny_dir))) == ImageGeometry.from_processor(processor)
 
 
-def test_attn_auto_is_decided_at_load_and_printed(capsys):
+def test_attn_auto_is_decided_at_load_and_logged(caplog):
     from transformers.utils import is_flash_attn_2_available
 
     from llava_train.model.load import attn_implementation
 
     expected = "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
+    caplog.set_level(logging.INFO, logger="llava_train")
     assert attn_implementation("auto") == expected
-    assert f"model.attn_implementation=auto -> {expected}" in capsys.readouterr().out
+    assert f"model.attn_implementation=auto -> {expected}" in caplog.text
     assert attn_implementation("eager") == "eager"

@@ -2,9 +2,10 @@
 another run is refused; a run killed while writing a checkpoint resumes from a complete checkpoint of its own
 (never the half-written one, a truncated one or another run's), with a history equal to an uninterrupted
 run's; SIGTERM to the whole process group with two DataLoader workers saves a complete checkpoint and exits
-0 (1 rank, and 2 ranks through launch/torchrun.sh); a second live run in a folder is refused; an export into
-its own source is refused with nothing deleted."""
+0 (1 rank, 2 ranks through launch/torchrun.sh, and streaming data); a second live run in a folder is
+refused; an export into its own source is refused with nothing deleted."""
 
+import io
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ ENDLESS = 10**6  # steps of a run that only a signal ends (TIMEOUT fails the tes
 
 # The recipe, SIGKILLed while HF writes the optimizer state of checkpoint-<kill_step> (after the adapter).
 KILLED_WHILE_SAVING = r"""
-import os, signal, sys
+import logging, os, signal, sys
 from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -53,6 +54,7 @@ def dying_save(self, output_dir):
     return save_optimizer(self, output_dir)
 
 Trainer._save_optimizer_and_scheduler = dying_save
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)  # the console the CLI's Hydra logging gives
 with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
     cfg = OmegaConf.to_object(compose("train", overrides=demo_overrides("train", overrides)))  # as the CLI
 run(cfg, out)
@@ -242,6 +244,37 @@ def test_sigterm_to_process_group_with_workers_two_ranks(tmp_path, tiny_dir):
     assert proc.returncode == 0, output[-4000:]
     ckpt = _check_preempted(out, output)
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(ckpt))  # both ranks' parts, sealed
+
+
+def _demo_shards(root: Path, shards: int = 2, per_shard: int = 32) -> str:
+    """The first demo records as WebDataset tar shards (key.json + key.png)."""
+    import tarfile
+
+    records = json.loads((DEMO / "train.json").read_text())
+    for s in range(shards):
+        with tarfile.open(root / f"shard-{s}.tar", "w") as tar:
+            for rec in records[s * per_shard:(s + 1) * per_shard]:
+                image = rec.pop("image", None)  # the demo has text-only records too
+                if image:
+                    tar.add(DEMO / image, f"{rec['id']}.png")
+                data = json.dumps(rec).encode()
+                info = tarfile.TarInfo(f"{rec['id']}.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(root / "shard-*.tar")
+
+
+def test_sigterm_to_process_group_with_streaming_workers(tmp_path, tiny_dir):
+    """The streaming loader's workers ignore the preemption signal too (data.streaming=true)."""
+    out = tmp_path / "run"
+    common = [a for a in COMMON if not a.startswith(("data.train_path=", "data.image_root="))]
+    proc = _start([sys.executable, "-m", "llava_train", "train", f"output_dir={out}", *common,
+                   f"data.train_path={_demo_shards(tmp_path)}", "data.streaming=true", "data.num_workers=2",
+                   f"trainer.max_steps={ENDLESS}", f"trainer.save_steps={ENDLESS}"])
+    output = _sigterm_group_after_first_step(proc)
+    assert proc.returncode == 0, output[-4000:]
+    ckpt = _check_preempted(out, output)
+    assert (ckpt / "stream_state_rank0.json").is_file()
 
 
 def test_export_into_its_own_source_is_refused_and_deletes_nothing(reference):
