@@ -116,7 +116,7 @@ def rank_main(args) -> None:
     proc = real_geometry_processor(str(ensure_tiny_checkpoint(TinyModelConfig())))
     cfg = DataConfig(train_path=args.path, max_length=4096, on_error="skip")
     enc = Encoder(proc.tokenizer, get_family("mistral"), ImageGeometry.from_processor(proc), max_length=4096)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = current_rss_mb()  # not the peak so far: the extrapolation scales what the index adds
     t_index = time.time()
     if args.mode == "today":
         ds = ConversationDataset(args.path, cfg, enc, proc.image_processor)
@@ -141,6 +141,11 @@ def rank_main(args) -> None:
                       "steps_per_epoch": len(sampler), "peak_rss_mb": round(me.ru_maxrss / 1024),
                       "peak_worker_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
                       "skipped_so_far": ds.skipped.total}))
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def run_ranks(args, path: Path, mode: str, code: Path) -> list[dict]:

@@ -169,12 +169,11 @@ def gpu_memory(cfg: TrainJobConfig, *, assumed: bool = True) -> int:
 def meta_training_model(cfg: TrainJobConfig, config):
     """The model as training wraps it, on the meta device (QLoRA: LoRA on an unquantised tree; the
     quantised bytes are computed in `parameter_bytes`)."""
-    from transformers import LlavaNextForConditionalGeneration
-
     from llava_train.model.adapt import apply_peft
+    from llava_train.model.load import meta_model
 
     with torch.device("meta"):
-        model = LlavaNextForConditionalGeneration._from_config(config, dtype=DTYPES[cfg.model.dtype])
+        model = meta_model(config).to(DTYPES[cfg.model.dtype])  # the public constructor; meta tensors cast free
         peft = replace(cfg.peft, method="lora") if cfg.peft.method == "qlora" else cfg.peft
         return apply_peft(model, peft, cfg.model, zero_stage=cfg.deepspeed.stage)
 
