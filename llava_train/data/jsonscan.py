@@ -60,7 +60,8 @@ def scan(path: Path, *, processes: int | None = None) -> tuple[np.ndarray, np.nd
     bounds = list(range(0, size, RANGE_BYTES)) + [size]
     tasks = [(str(path), lo, hi, lines, CHUNK) for lo, hi in zip(bounds[:-1], bounds[1:])]
     if processes is None:
-        processes = min(len(os.sched_getaffinity(0)), MAX_PROCESSES)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = min(cores, MAX_PROCESSES)
     processes = max(1, min(processes, len(tasks)))
     if processes == 1:
         parts = [_scan_range(*t) for t in tasks]
