@@ -20,7 +20,8 @@ hidden is ~1.5 here, ~0.6 at 7B), so padding costs a little more here than there
 Both sides train the same checkpoint on the same samples (one epoch of `--samples`), same per-device
 batch, fp32 on CPU, same optimizer and learning rate, one after the other in this process, each
 configuration `--repeats` times interleaved (so machine load hits every configuration alike); the table
-reports medians of wall and CPU time of `trainer.train()` and real (non-pad) tokens / wall second.
+reports medians of wall and CPU time of `trainer.train()`, of the time its loop waited for batches (0
+DataLoader workers on both sides, TRL's default), and real (non-pad) tokens / wall second.
 
 - TRL (`assistant_only_loss=True`): SFTTrainer on a `messages` + `images` dataset with the checkpoint's
   chat template (its `{% generation %}` marks give TRL the assistant mask), LoRA via `peft_config`,
@@ -30,7 +31,7 @@ reports medians of wall and CPU time of `trainer.train()` and real (non-pad) tok
 - llava-train defaults, then one row per feature switched off or on: random batches instead of length
   grouping, the model's full-vocabulary loss instead of the sparse head, packing, a token budget.
 
-    python benchmarks/train_throughput.py                       # the full table (~15 min on 2 idle cores)
+    python benchmarks/train_throughput.py --samples 96 --repeats 5   # the README's table (~5 min on 2 idle cores)
     python benchmarks/train_throughput.py --samples 16 --repeats 1 --only llava_default,trl_assistant_only
 """
 
@@ -168,10 +169,39 @@ def _lora(peft_cfg):
                       modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
 
 
+class _TimedLoader:
+    """The trainer's train DataLoader, timing how long the training loop waits for each batch (reading,
+    image processing, tokenising and collating: in this process on both sides, which run 0 workers)."""
+
+    def __init__(self, loader, clock: list):
+        self._loader, self._clock = loader, clock
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __iter__(self):
+        it = iter(self._loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self._clock[0] += time.perf_counter() - t
+            yield batch
+
+
 def _timed(trainer):
+    """(wall s, CPU s, data-wait wall s) of `trainer.train()`."""
+    clock = [0.0]
+    get_loader = trainer.get_train_dataloader
+    trainer.get_train_dataloader = lambda: _TimedLoader(get_loader(), clock)
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, time.process_time() - cpu, clock[0]
 
 
 def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
@@ -185,6 +215,7 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
     job = TrainJobConfig(model=ModelConfig(path=str(ckpt), family="mistral"),
                          data=DataConfig(train_path=str(data), max_length=args.max_length), peft=PeftConfig())
     job.data.group_by_length = job.data.group_by_modality = name != "llava_random_batches"
+    job.data.num_workers = 0  # as TRL's default; and the counting collator below runs in this process
     if name == "llava_packing":  # rows of --pack-length: ~1.7 samples a row, as 4096-token rows hold at 7B
         job.data.packing, job.data.max_length = True, args.pack_length
     if name == "llava_token_budget":
@@ -202,12 +233,13 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
     trainer = build_trainer(job, model, train_ds, processor, out)
     if name == "llava_full_head":  # the model's own loss: every position projected onto the vocabulary
         trainer.compute_loss = functools.partial(Trainer.compute_loss, trainer)
+        trainer.compute_loss_func = None  # (the trained-token loss expects the sparse head's logits)
     counting = Counting(trainer.data_collator)
     trainer.data_collator = counting
-    wall, cpu = _timed(trainer)
+    wall, cpu, data = _timed(trainer)
     shutil.rmtree(out, ignore_errors=True)
     return {"real_tokens": counting.tokens, "trained_tokens": counting.trained, "wall_s": wall, "cpu_s": cpu,
-            "steps": trainer.state.global_step}
+            "data_s": data, "steps": trainer.state.global_step}
 
 
 def trl_dataset(rows, folder: Path):
@@ -251,10 +283,10 @@ def run_trl(name: str, args, rows, folder: Path, ckpt: Path) -> dict:
                          peft_config=_lora(PeftConfig()))
     counting = Counting(trainer.data_collator)
     trainer.data_collator = counting
-    wall, cpu = _timed(trainer)
+    wall, cpu, data = _timed(trainer)
     shutil.rmtree(sft.output_dir, ignore_errors=True)
     return {"real_tokens": counting.tokens, "trained_tokens": counting.trained, "wall_s": wall, "cpu_s": cpu,
-            "steps": trainer.state.global_step, "gradient_checkpointing": sft.gradient_checkpointing,
+            "data_s": data, "steps": trainer.state.global_step, "gradient_checkpointing": sft.gradient_checkpointing,
             "assistant_only_loss": sft.assistant_only_loss, "collator": type(counting.collate).__name__}
 
 
@@ -286,10 +318,12 @@ def summarise(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return {"error": runs[0]["error"], "traceback": runs[0].get("traceback", "")}
-    med = {k: statistics.median(r[k] for r in ok) for k in ("wall_s", "cpu_s")}
+    med = {k: statistics.median(r[k] for r in ok) for k in ("wall_s", "cpu_s", "data_s")}
     first = ok[0]
-    out = {k: v for k, v in first.items() if k not in ("wall_s", "cpu_s")}
+    out = {k: v for k, v in first.items() if k not in ("wall_s", "cpu_s", "data_s")}
     out.update({"repeats": len(ok), "median_wall_s": round(med["wall_s"], 2), "median_cpu_s": round(med["cpu_s"], 2),
+                "median_data_wait_s": round(med["data_s"], 2),
+                "median_model_s": round(statistics.median(r["wall_s"] - r["data_s"] for r in ok), 2),
                 "wall_s_each": [round(r["wall_s"], 2) for r in ok], "cpu_s_each": [round(r["cpu_s"], 2) for r in ok],
                 "real_tokens_per_wall_s": round(first["real_tokens"] / med["wall_s"], 1),
                 "real_tokens_per_cpu_s": round(first["real_tokens"] / med["cpu_s"], 1)})
@@ -381,17 +415,19 @@ def main() -> None:
             runs[name].append(r)
             print(f"[{rep + 1}/{args.repeats}] {name}: " + (r.get("error") or
                   f"{r['real_tokens']} tokens, {r['trained_tokens']} trained, {r['wall_s']:.1f} s wall, "
-                  f"{r['cpu_s']:.1f} s cpu"), flush=True)
+                  f"{r['cpu_s']:.1f} s cpu, {r['data_s']:.1f} s waiting for batches"), flush=True)
         write_result(args.out, settings, runs)  # after every round: a stopped run keeps its rounds
     result = write_result(args.out, settings, runs)
-    print("\n| configuration | real tokens | trained tokens | median wall s | median CPU s | real tokens / wall s "
-          "| llava-train default is x faster (wall / CPU) |\n|---|---|---|---|---|---|---|")
+    print("\n| configuration | real tokens | trained tokens | median wall s | median CPU s | median data wait s "
+          "| median wall s - data wait | real tokens / wall s | llava-train default is x faster (wall / CPU) |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for name, r in result["results"].items():
         if "error" in r:
-            print(f"| {name} | failed: {r['error'][:150]} | | | | | |")
+            print(f"| {name} | failed: {r['error'][:150]} | | | | | | | |")
         else:
             print(f"| {name} | {r['real_tokens']} | {r['trained_tokens']} | {r['median_wall_s']} | "
-                  f"{r['median_cpu_s']} | {r['real_tokens_per_wall_s']} | {r.get('llava_default_speedup_wall')} / "
+                  f"{r['median_cpu_s']} | {r['median_data_wait_s']} | {r['median_model_s']} | "
+                  f"{r['real_tokens_per_wall_s']} | {r.get('llava_default_speedup_wall')} / "
                   f"{r.get('llava_default_speedup_cpu')} |")
     print("settings: " + json.dumps({k: v for k, v in settings.items() if k != "model"}))
     shutil.rmtree(work, ignore_errors=True)
