@@ -87,6 +87,7 @@ def trained_run(tmp_path_factory, tiny_dir):
     import copy
     import io
     import json
+    import logging
     import sys
 
     from hydra import compose, initialize_config_dir
@@ -125,8 +126,16 @@ def trained_run(tmp_path_factory, tiny_dir):
         mp.setenv("WANDB_SILENT", "true")
         for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
             mp.setenv(var, str(root / "wandb-home"))
-        with contextlib.redirect_stdout(buf):
-            results = run(cfg, str(out), callbacks=[KeepFinalModel()])
+        # the run's log lines (the CLI's Hydra console handler writes them to stdout), into the same buffer
+        handler = logging.StreamHandler(buf)
+        package_log = logging.getLogger("llava_train")
+        package_log.addHandler(handler)
+        mp.setattr(package_log, "propagate", False)
+        try:
+            with contextlib.redirect_stdout(buf):
+                results = run(cfg, str(out), callbacks=[KeepFinalModel()])
+        finally:
+            package_log.removeHandler(handler)
     return _TrainedRun(out, eval_path, buf.getvalue(), results, KeepFinalModel.model)
 
 

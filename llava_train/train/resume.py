@@ -21,6 +21,7 @@ import atexit
 import json
 import multiprocessing
 import multiprocessing.util  # registers its exit hook now, so `_kill_workers_at_exit` (registered later) runs first
+import os
 import re
 import signal
 from pathlib import Path
@@ -130,24 +131,34 @@ def ignore_signals_in_worker(signals: list[int], init_fn=None):
     """A DataLoader `worker_init_fn`: the worker ignores `signals` (the main process handles them and shuts
     the workers down), then runs `init_fn` (HF's seeding) if any. Called in the main process, it also makes
     sure workers are stopped at exit (`_kill_workers_at_exit`)."""
-    global _EXIT_HOOK
-    if not _EXIT_HOOK:
+    global _EXIT_HOOK_PID
+    if _EXIT_HOOK_PID != os.getpid():
         atexit.register(_kill_workers_at_exit)  # runs before multiprocessing's own (atexit is LIFO; see the import)
-        _EXIT_HOOK = True
+        _EXIT_HOOK_PID = os.getpid()
     return _WorkerInit(tuple(signals), init_fn)
 
 
-_EXIT_HOOK = False
+_EXIT_HOOK_PID: Optional[int] = None
 
 
 def _kill_workers_at_exit() -> None:
     """At exit multiprocessing terminates daemonic children (DataLoader workers still alive when the loader was
     not shut down) with SIGTERM, which these workers ignore, and then waits for them forever: end them with
-    SIGKILL instead (they hold nothing to save)."""
+    SIGKILL instead (they hold nothing to save). Only in the process that registered it (a forked process
+    inherits the hook), and one child that cannot be joined does not leave the others alive."""
+    if os.getpid() != _EXIT_HOOK_PID:
+        return
     for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+        if not child.daemon or child.pid is None:
+            continue
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
             child.join(timeout=5)
+        except (AssertionError, ValueError, OSError):
+            pass
 
 
 class _WorkerInit:
