@@ -145,19 +145,23 @@ def _kill_workers_at_exit() -> None:
     """At exit multiprocessing terminates daemonic children (DataLoader workers still alive when the loader was
     not shut down) with SIGTERM, which these workers ignore, and then waits for them forever: end them with
     SIGKILL instead (they hold nothing to save). Only in the process that registered it (a forked process
-    inherits the hook), and one child that cannot be joined does not leave the others alive."""
+    inherits the hook). torch's DataLoader SIGCHLD handler raises in the main process as soon as one of its
+    workers dies by a signal, which would abort this hook after the first kill and leave the others alive
+    (then multiprocessing waits for them forever): the handler is reset first, all workers are killed, then
+    joined."""
     if os.getpid() != _EXIT_HOOK_PID:
         return
-    for child in multiprocessing.active_children():
-        if not child.daemon or child.pid is None:
-            continue
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = [c for c in multiprocessing.active_children() if c.daemon and c.pid is not None]
+    for child in children:
         try:
             os.kill(child.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    for child in children:
         try:
             child.join(timeout=5)
-        except (AssertionError, ValueError, OSError):
+        except Exception:  # noqa: BLE001 - at exit nothing else can be done; the process was SIGKILLed anyway
             pass
 
 
