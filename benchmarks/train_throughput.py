@@ -20,8 +20,9 @@ hidden is ~1.5 here, ~0.6 at 7B), so padding costs a little more here than there
 Both sides train the same checkpoint on the same samples (one epoch of `--samples`), same per-device
 batch, fp32 on CPU, same optimizer and learning rate, one after the other in this process, each
 configuration `--repeats` times interleaved (so machine load hits every configuration alike); the table
-reports medians of wall and CPU time of `trainer.train()`, of the time its loop waited for batches (0
-DataLoader workers on both sides, TRL's default), and real (non-pad) tokens / wall second.
+reports medians of wall and CPU time of `trainer.train()` (DataLoader workers' CPU included), of the time
+its loop waited for batches (0 DataLoader workers on both sides, TRL's default, except the two `_workers`
+rows), and real (non-pad) tokens / wall second.
 
 - TRL (`assistant_only_loss=True`): SFTTrainer on a `messages` + `images` dataset with the checkpoint's
   chat template (its `{% generation %}` marks give TRL the assistant mask), LoRA via `peft_config`,
@@ -30,6 +31,9 @@ DataLoader workers on both sides, TRL's default), and real (non-pad) tokens / wa
   gradient checkpointing).
 - llava-train defaults, then one row per feature switched off or on: random batches instead of length
   grouping, the model's full-vocabulary loss instead of the sparse head, packing, a token budget.
+- `_workers` rows: DataLoader workers on both sides, as many as llava-train's default (`data.num_workers`
+  auto: min(4, cores - 1)); llava-train's row is then its defaults unchanged, TRL's sets
+  `dataloader_num_workers` to the same count.
 
     python benchmarks/train_throughput.py --samples 96 --repeats 5   # the README's table (~5 min on 2 idle cores)
     python benchmarks/train_throughput.py --samples 16 --repeats 1 --only llava_default,trl_assistant_only
@@ -70,7 +74,7 @@ SCALED_KINDS = {
     "text": (0.06, (1, 2), (3, 8), (15, 45)),
 }
 CONFIGS = ("trl_assistant_only", "trl_defaults", "llava_default", "llava_random_batches", "llava_full_head",
-           "llava_packing", "llava_token_budget")
+           "llava_packing", "llava_token_budget", "trl_assistant_only_workers", "llava_default_workers")
 
 
 def head_share(text: dict) -> float:
@@ -146,19 +150,26 @@ def make_data(folder: Path, n: int, seed: int) -> Path:
     return path
 
 
+COUNTS = "_benchmark_counts"  # a key the counting collator adds and the timed loader takes off again
+
+
 class Counting:
-    """Wraps a collator; counts real (non-pad) tokens and trained tokens of the batches it makes."""
+    """Wraps a collator; adds the batch's real (non-pad) and trained token counts to it under `COUNTS`
+    (it may run in a DataLoader worker: `_TimedLoader` takes them off in the training process)."""
 
     def __init__(self, collate):
-        self.collate, self.tokens, self.trained = collate, 0, 0
+        self.collate = collate
 
     def __call__(self, items):
+        import torch
+
         batch = self.collate(items)
         if "attention_mask" in batch:
-            self.tokens += int(batch["attention_mask"].sum())
+            tokens = int(batch["attention_mask"].sum())
         else:  # packed rows carry no mask: the real tokens are the samples' own
-            self.tokens += sum(len(it["input_ids"]) for it in items if it is not None)
-        self.trained += int((batch["labels"][:, 1:] != -100).sum())  # next-token targets, as both losses score
+            tokens = sum(len(it["input_ids"]) for it in items if it is not None)
+        trained = int((batch["labels"][:, 1:] != -100).sum())  # next-token targets, as both losses score
+        batch[COUNTS] = torch.tensor([tokens, trained])
         return batch
 
 
@@ -171,10 +182,11 @@ def _lora(peft_cfg):
 
 class _TimedLoader:
     """The trainer's train DataLoader, timing how long the training loop waits for each batch (reading,
-    image processing, tokenising and collating: in this process on both sides, which run 0 workers)."""
+    image processing, tokenising and collating: in this process with 0 workers, else what the workers did
+    not hide) and taking the counting collator's counts off each batch."""
 
-    def __init__(self, loader, clock: list):
-        self._loader, self._clock = loader, clock
+    def __init__(self, loader, clock: list, counts: list):
+        self._loader, self._clock, self._counts = loader, clock, counts
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -191,17 +203,49 @@ class _TimedLoader:
             except StopIteration:
                 return
             self._clock[0] += time.perf_counter() - t
+            tokens, trained = batch.pop(COUNTS).tolist()
+            self._counts[0] += tokens
+            self._counts[1] += trained
             yield batch
 
 
-def _timed(trainer):
-    """(wall s, CPU s, data-wait wall s) of `trainer.train()`."""
-    clock = [0.0]
+def _cpu_seconds() -> float:
+    """CPU seconds of this process, its reaped children and its live ones (DataLoader workers)."""
+    import psutil
+
+    t = os.times()
+    live = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            c = child.cpu_times()
+            live += c.user + c.system
+        except psutil.Error:
+            pass
+    return t.user + t.system + t.children_user + t.children_system + live
+
+
+def _timed(trainer) -> dict:
+    """Wall s, CPU s (workers included), data-wait wall s and token counts of `trainer.train()`."""
+    trainer.data_collator = Counting(trainer.data_collator)
+    clock, counts = [0.0], [0, 0]
     get_loader = trainer.get_train_dataloader
-    trainer.get_train_dataloader = lambda: _TimedLoader(get_loader(), clock)
-    wall, cpu = time.perf_counter(), time.process_time()
+    trainer.get_train_dataloader = lambda: _TimedLoader(get_loader(), clock, counts)
+    wall, cpu = time.perf_counter(), _cpu_seconds()
     trainer.train()
-    return time.perf_counter() - wall, time.process_time() - cpu, clock[0]
+    wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+    return {"real_tokens": counts[0], "trained_tokens": counts[1], "wall_s": wall, "cpu_s": cpu, "data_s": clock[0],
+            "steps": trainer.state.global_step}
+
+
+def _teardown() -> float:
+    """Collect the finished trainer now (seconds taken): its DataLoader workers (persistent ones stay alive with
+    the trainer) are shut down here, outside every timed run, not whenever a later run's garbage collection
+    reaches them (which once added ~10 s to the next TRL row)."""
+    import gc
+
+    t = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - t
 
 
 def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
@@ -215,7 +259,7 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
     job = TrainJobConfig(model=ModelConfig(path=str(ckpt), family="mistral"),
                          data=DataConfig(train_path=str(data), max_length=args.max_length), peft=PeftConfig())
     job.data.group_by_length = job.data.group_by_modality = name != "llava_random_batches"
-    job.data.num_workers = 0  # as TRL's default; and the counting collator below runs in this process
+    job.data.num_workers = None if name == "llava_default_workers" else 0  # None: the project's auto count
     if name == "llava_packing":  # rows of --pack-length: ~1.7 samples a row, as 4096-token rows hold at 7B
         job.data.packing, job.data.max_length = True, args.pack_length
     if name == "llava_token_budget":
@@ -234,12 +278,10 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
     if name == "llava_full_head":  # the model's own loss: every position projected onto the vocabulary
         trainer.compute_loss = functools.partial(Trainer.compute_loss, trainer)
         trainer.compute_loss_func = None  # (the trained-token loss expects the sparse head's logits)
-    counting = Counting(trainer.data_collator)
-    trainer.data_collator = counting
-    wall, cpu, data = _timed(trainer)
+    r = _timed(trainer) | {"dataloader_workers": trainer.args.dataloader_num_workers}
+    del trainer, model
     shutil.rmtree(out, ignore_errors=True)
-    return {"real_tokens": counting.tokens, "trained_tokens": counting.trained, "wall_s": wall, "cpu_s": cpu,
-            "data_s": data, "steps": trainer.state.global_step}
+    return r | {"teardown_s": _teardown()}
 
 
 def trl_dataset(rows, folder: Path):
@@ -273,21 +315,25 @@ def run_trl(name: str, args, rows, folder: Path, ckpt: Path) -> dict:
     ds = trl_dataset(rows, folder)
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration.from_pretrained(str(ckpt))
-    same = name == "trl_assistant_only"
+    same = name.startswith("trl_assistant_only")
     extra = {"assistant_only_loss": True, "gradient_checkpointing": False} if same else {}
+    if name == "trl_assistant_only_workers":  # as many workers as llava-train's auto count
+        from llava_train.config import DataConfig
+        from llava_train.data.sampler import num_workers
+
+        extra["dataloader_num_workers"] = num_workers(DataConfig())
     sft = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-tp-"), num_train_epochs=1,
                     per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant",
                     warmup_steps=0, logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
                     max_length=args.max_length, bf16=False, use_cpu=not torch.cuda.is_available(), **extra)
     trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=processor,
                          peft_config=_lora(PeftConfig()))
-    counting = Counting(trainer.data_collator)
-    trainer.data_collator = counting
-    wall, cpu, data = _timed(trainer)
+    collator = type(trainer.data_collator).__name__
+    r = _timed(trainer)
+    del trainer, model
     shutil.rmtree(sft.output_dir, ignore_errors=True)
-    return {"real_tokens": counting.tokens, "trained_tokens": counting.trained, "wall_s": wall, "cpu_s": cpu,
-            "data_s": data, "steps": trainer.state.global_step, "gradient_checkpointing": sft.gradient_checkpointing,
-            "assistant_only_loss": sft.assistant_only_loss, "collator": type(counting.collate).__name__}
+    return r | {"gradient_checkpointing": sft.gradient_checkpointing, "assistant_only_loss": sft.assistant_only_loss,
+                "collator": collator, "dataloader_workers": sft.dataloader_num_workers, "teardown_s": _teardown()}
 
 
 def sample_stats(data: Path, ckpt: Path, max_length: int) -> dict:
@@ -395,7 +441,8 @@ def main() -> None:
         "precision": "fp32", "fine_tuning": "LoRA r=16 alpha=32 on the LM linears, projector trained, tower frozen",
         "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(), "repeats": args.repeats, "trl_version": trl_version,
-        "token_budget_row": args.token_budget, "packing_row_length": args.pack_length, "dataloader_workers": 0,
+        "token_budget_row": args.token_budget, "packing_row_length": args.pack_length,
+        "dataloader_workers": "0, except the *_workers rows: llava-train's auto count on both sides",
         "loadavg_start": os.getloadavg(),
     }
     print(json.dumps(settings["samples"]), flush=True)

@@ -1,5 +1,6 @@
 """benchmarks/train_throughput.py runs its llava-train rows end to end (TRL's rows need the `bench` extra):
-every row trains, counts the same real and trained tokens, and times its data wait. After a merge changed the
+every row trains, counts the same real and trained tokens (also when DataLoader workers collate), and times its
+data wait. After a merge changed the
 loss hook, the benchmark once counted 0 tokens and its full-head row failed: this catches that."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_llava_rows_train_and_count_tokens(tmp_path):
     out = tmp_path / "tp.json"
-    rows = "llava_default,llava_full_head,llava_packing"
+    rows = "llava_default,llava_full_head,llava_packing,llava_default_workers"
     proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--samples", "8", "--repeats", "1",
                            "--only", rows, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
