@@ -240,7 +240,9 @@ def _timed(trainer) -> dict:
 def _teardown() -> float:
     """Collect the finished trainer now (seconds taken): its DataLoader workers (persistent ones stay alive with
     the trainer) are shut down here, outside every timed run, not whenever a later run's garbage collection
-    reaches them (which once added ~10 s to the next TRL row)."""
+    reaches them (which once added ~10 s to the next TRL row). The loader sits in a reference cycle, and the
+    cyclic GC closes its index queues before torch's `_shutdown_workers` sends the stop sentinel, so torch waits
+    out its join timeouts (pytorch/pytorch#64766: no public close() for a DataLoader; goes when there is one)."""
     import gc
 
     t = time.perf_counter()
