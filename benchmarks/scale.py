@@ -6,8 +6,9 @@ Two sources, LLaVA-mix-shaped (benchmarks/mixdata.py):
 - parquet: rows with the image bytes embedded (default >= 2 GB on disk; a pool of real JPEGs repeated).
 Every rank is a separate process that builds the training dataset (`LazyConversationDataset`: lazy, for
 every source kind), its share of the length/modality-grouped batch plan and a DataLoader with workers,
-and fetches its first batch. "cold" = no saved index and no HF Arrow cache (one rank scans / converts,
-the other waits on the lock); "warm" = a restart.
+and fetches its first batch. "cold" = no saved index, no saved image sizes and no HF Arrow cache (one rank
+scans / converts and reads the image headers, the other waits on the lock); "warm" = a restart; for the
+JSON source also cold with `data.image_sizes=assumed` (no image header read at start).
 
 Today's default path (the landed eager `ConversationDataset`: every sample tokenised and header-read on
 every rank; Arrow rows with their image bytes kept in Python) is measured in the same run on the first
@@ -114,7 +115,8 @@ def rank_main(args) -> None:
 
     t_imports = time.time() - T0
     proc = real_geometry_processor(str(ensure_tiny_checkpoint(TinyModelConfig())))
-    cfg = DataConfig(train_path=args.path, max_length=4096, on_error="skip")
+    cfg = DataConfig(train_path=args.path, max_length=4096, on_error="skip",
+                     image_sizes="assumed" if args.mode == "lazy-assumed" else "headers")
     enc = Encoder(proc.tokenizer, get_family("mistral"), ImageGeometry.from_processor(proc), max_length=4096)
     rss_before = current_rss_mb()  # not the peak so far: the extrapolation scales what the index adds
     t_index = time.time()
@@ -193,8 +195,9 @@ def head(path: Path, n: int, out: Path) -> Path:
 def clear_caches(work: Path, hf_cache: Path) -> None:
     import shutil
 
-    for f in work.rglob("*.lazyindex.*"):
-        f.unlink()
+    for pattern in ("*.lazyindex.*", "*.imagesizes.*"):
+        for f in work.rglob(pattern):
+            f.unlink()
     shutil.rmtree(hf_cache, ignore_errors=True)
 
 
@@ -253,11 +256,12 @@ def main() -> None:
         size_mb = path.stat().st_size / 2**20
         print(f"{kind}: {n} samples, {size_mb:.0f} MB ({gen:.0f} s to write) at {path}", flush=True)
         runs = {}
-        for run in ("cold", "warm"):
-            if run == "cold":
+        for run in ("cold", "warm") + (("cold, data.image_sizes=assumed",) if kind == "json" else ()):
+            if run.startswith("cold"):
                 clear_caches(work, hf_cache)
             load = os.getloadavg()[0]
-            runs[run] = {"load_average_at_start": round(load, 1), "ranks": run_ranks(args, path, "lazy", HERE.parent)}
+            mode = "lazy-assumed" if "assumed" in run else "lazy"
+            runs[run] = {"load_average_at_start": round(load, 1), "ranks": run_ranks(args, path, mode, HERE.parent)}
         small = head(path, args.today_samples, work / f"head{path.suffix}")
         clear_caches(work, hf_cache)
         load = os.getloadavg()[0]

@@ -21,8 +21,9 @@ Both sides train the same checkpoint on the same samples (one epoch of `--sample
 batch, fp32 on CPU, same optimizer and learning rate, one after the other in this process, each
 configuration `--repeats` times interleaved (so machine load hits every configuration alike); the table
 reports medians of wall and CPU time of `trainer.train()` (DataLoader workers' CPU included), of the time
-its loop waited for batches (0 DataLoader workers on both sides, TRL's default, except the two `_workers`
-rows), and real (non-pad) tokens / wall second.
+its loop waited for batches (0 DataLoader workers on both sides: TRL's default, and llava-train's auto
+count when it trains on the CPU; 1 each in the two `_workers` rows), real (non-pad) tokens / wall second
+and the real tokens' share of the batches' token slots.
 
 - TRL (`assistant_only_loss=True`): SFTTrainer on a `messages` + `images` dataset with the checkpoint's
   chat template (its `{% generation %}` marks give TRL the assistant mask), LoRA via `peft_config`,
@@ -30,10 +31,11 @@ rows), and real (non-pad) tokens / wall second.
 - TRL defaults: the same but every other SFTConfig default kept (loss on every token, TRL's default
   gradient checkpointing).
 - llava-train defaults, then one row per feature switched off or on: random batches instead of length
-  grouping, the model's full-vocabulary loss instead of the sparse head, packing, a token budget.
-- `_workers` rows: DataLoader workers on both sides, as many as llava-train's default (`data.num_workers`
-  auto: min(4, cores - 1)); llava-train's row is then its defaults unchanged, TRL's sets
-  `dataloader_num_workers` to the same count.
+  grouping, grouping with every image counted at the assumed size (`data.image_sizes=assumed`) instead of
+  its header's, the model's full-vocabulary loss instead of the sparse head, packing, a token budget.
+- `_workers` rows: one DataLoader worker on each side (`data.num_workers=1`, `dataloader_num_workers=1`:
+  llava-train's auto count for a GPU rank with 2 cores; training on the CPU its auto count is 0, since
+  torch's compute threads already use every core).
 
     python benchmarks/train_throughput.py --samples 96 --repeats 5   # the README's table (~5 min on 2 idle cores)
     python benchmarks/train_throughput.py --samples 16 --repeats 1 --only llava_default,trl_assistant_only
@@ -73,8 +75,9 @@ SCALED_KINDS = {
     "region": (0.10, (1, 2), (2, 4), (1, 3)),
     "text": (0.06, (1, 2), (3, 8), (15, 45)),
 }
-CONFIGS = ("trl_assistant_only", "trl_defaults", "llava_default", "llava_random_batches", "llava_full_head",
-           "llava_packing", "llava_token_budget", "trl_assistant_only_workers", "llava_default_workers")
+CONFIGS = ("trl_assistant_only", "trl_defaults", "llava_default", "llava_random_batches", "llava_assumed_image_sizes",
+           "llava_full_head", "llava_packing", "llava_token_budget", "trl_assistant_only_workers",
+           "llava_default_workers")
 
 
 def head_share(text: dict) -> float:
@@ -169,7 +172,7 @@ class Counting:
         else:  # packed rows carry no mask: the real tokens are the samples' own
             tokens = sum(len(it["input_ids"]) for it in items if it is not None)
         trained = int((batch["labels"][:, 1:] != -100).sum())  # next-token targets, as both losses score
-        batch[COUNTS] = torch.tensor([tokens, trained])
+        batch[COUNTS] = torch.tensor([tokens, trained, batch["input_ids"].numel()])
         return batch
 
 
@@ -203,9 +206,8 @@ class _TimedLoader:
             except StopIteration:
                 return
             self._clock[0] += time.perf_counter() - t
-            tokens, trained = batch.pop(COUNTS).tolist()
-            self._counts[0] += tokens
-            self._counts[1] += trained
+            for i, n in enumerate(batch.pop(COUNTS).tolist()):
+                self._counts[i] += n
             yield batch
 
 
@@ -227,13 +229,14 @@ def _cpu_seconds() -> float:
 def _timed(trainer) -> dict:
     """Wall s, CPU s (workers included), data-wait wall s and token counts of `trainer.train()`."""
     trainer.data_collator = Counting(trainer.data_collator)
-    clock, counts = [0.0], [0, 0]
+    clock, counts = [0.0], [0, 0, 0]
     get_loader = trainer.get_train_dataloader
     trainer.get_train_dataloader = lambda: _TimedLoader(get_loader(), clock, counts)
     wall, cpu = time.perf_counter(), _cpu_seconds()
     trainer.train()
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-    return {"real_tokens": counts[0], "trained_tokens": counts[1], "wall_s": wall, "cpu_s": cpu, "data_s": clock[0],
+    return {"real_tokens": counts[0], "trained_tokens": counts[1], "padded_tokens": counts[2], "wall_s": wall,
+            "cpu_s": cpu, "data_s": clock[0],
             "steps": trainer.state.global_step}
 
 
@@ -261,7 +264,9 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
     job = TrainJobConfig(model=ModelConfig(path=str(ckpt), family="mistral"),
                          data=DataConfig(train_path=str(data), max_length=args.max_length), peft=PeftConfig())
     job.data.group_by_length = job.data.group_by_modality = name != "llava_random_batches"
-    job.data.num_workers = None if name == "llava_default_workers" else 0  # None: the project's auto count
+    if name == "llava_assumed_image_sizes":  # grouping by lengths that count every image at 480x640
+        job.data.image_sizes = "assumed"
+    job.data.num_workers = 1 if name == "llava_default_workers" else None  # None: the project's auto count
     if name == "llava_packing":  # rows of --pack-length: ~1.7 samples a row, as 4096-token rows hold at 7B
         job.data.packing, job.data.max_length = True, args.pack_length
     if name == "llava_token_budget":
@@ -319,11 +324,8 @@ def run_trl(name: str, args, rows, folder: Path, ckpt: Path) -> dict:
     model = LlavaNextForConditionalGeneration.from_pretrained(str(ckpt))
     same = name.startswith("trl_assistant_only")
     extra = {"assistant_only_loss": True, "gradient_checkpointing": False} if same else {}
-    if name == "trl_assistant_only_workers":  # as many workers as llava-train's auto count
-        from llava_train.config import DataConfig
-        from llava_train.data.sampler import num_workers
-
-        extra["dataloader_num_workers"] = num_workers(DataConfig())
+    if name == "trl_assistant_only_workers":  # one worker, as llava_default_workers
+        extra["dataloader_num_workers"] = 1
     sft = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-tp-"), num_train_epochs=1,
                     per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant",
                     warmup_steps=0, logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
@@ -373,6 +375,7 @@ def summarise(runs: list[dict]) -> dict:
                 "median_data_wait_s": round(med["data_s"], 2),
                 "median_model_s": round(statistics.median(r["wall_s"] - r["data_s"] for r in ok), 2),
                 "wall_s_each": [round(r["wall_s"], 2) for r in ok], "cpu_s_each": [round(r["cpu_s"], 2) for r in ok],
+                "real_share": round(first["real_tokens"] / max(first["padded_tokens"], 1), 4),
                 "real_tokens_per_wall_s": round(first["real_tokens"] / med["wall_s"], 1),
                 "real_tokens_per_cpu_s": round(first["real_tokens"] / med["cpu_s"], 1)})
     return out
@@ -444,7 +447,8 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(), "repeats": args.repeats, "trl_version": trl_version,
         "token_budget_row": args.token_budget, "packing_row_length": args.pack_length,
-        "dataloader_workers": "0, except the *_workers rows: llava-train's auto count on both sides",
+        "dataloader_workers": "TRL's default (0) and llava-train's auto count (0 on the CPU here), except the "
+                              "*_workers rows: 1 on both sides",
         "loadavg_start": os.getloadavg(),
     }
     print(json.dumps(settings["samples"]), flush=True)
@@ -467,14 +471,15 @@ def main() -> None:
                   f"{r['cpu_s']:.1f} s cpu, {r['data_s']:.1f} s waiting for batches"), flush=True)
         write_result(args.out, settings, runs)  # after every round: a stopped run keeps its rounds
     result = write_result(args.out, settings, runs)
-    print("\n| configuration | real tokens | trained tokens | median wall s | median CPU s | median data wait s "
-          "| median wall s - data wait | real tokens / wall s | llava-train default is x faster (wall / CPU) |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("\n| configuration | real tokens | real share | trained tokens | median wall s | median CPU s "
+          "| median data wait s | median wall s - data wait | real tokens / wall s "
+          "| llava-train default is x faster (wall / CPU) |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, r in result["results"].items():
         if "error" in r:
-            print(f"| {name} | failed: {r['error'][:150]} | | | | | | | |")
+            print(f"| {name} | failed: {r['error'][:150]} | | | | | | | | |")
         else:
-            print(f"| {name} | {r['real_tokens']} | {r['trained_tokens']} | {r['median_wall_s']} | "
+            print(f"| {name} | {r['real_tokens']} | {r['real_share']:.1%} | {r['trained_tokens']} | "
+                  f"{r['median_wall_s']} | "
                   f"{r['median_cpu_s']} | {r['median_data_wait_s']} | {r['median_model_s']} | "
                   f"{r['real_tokens_per_wall_s']} | {r.get('llava_default_speedup_wall')} / "
                   f"{r.get('llava_default_speedup_cpu')} |")

@@ -197,15 +197,19 @@ def batching(cfg, dataset, pad_token_id: int, *, batch_size: int, world_size: in
     return collator, PlanSampler(dataset.lengths, flags, spec, seed=seed)
 
 
-def num_workers(cfg) -> int:
-    """`data.num_workers`, or when None: min(4, CPU cores available per local rank - 1). Samples are built
-    at fetch (tokenised, images decoded and preprocessed), so workers overlap that with the step; one core
-    stays with the training process."""
+def num_workers(cfg, *, cpu_compute: bool = False) -> int:
+    """`data.num_workers`, or when None: min(4, CPU cores available per local rank - the cores the training
+    process computes on). Samples are built at fetch (tokenised, images decoded and preprocessed), so workers
+    overlap that with the step. On a GPU the training process keeps one core (it launches kernels); training
+    on the CPU (`cpu_compute`) it keeps torch's intra-op threads, which use every core by default: a worker
+    there only takes cores from the step (benchmarks/train_throughput.py, 2 cores: one worker made a run
+    1.5x slower than none), so auto is 0."""
     if cfg.num_workers is not None:
         return cfg.num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(4, per_rank - 1))
+    keep = torch.get_num_threads() if cpu_compute else 1
+    return max(0, min(4, per_rank - keep))
 
 
 def batching_problems(cfg) -> list[str]:

@@ -199,6 +199,7 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
     project fills from its own keys (`hf_args.OWNED`)."""
     t, o = cfg.trainer, cfg.optim
     kwargs = hf_arguments(t)
+    workers = num_workers(cfg.data, cpu_compute=not torch.cuda.is_available())
     if cfg.eval.every_steps > 0 and t.eval_strategy == "no":  # eval.every_steps: a shorthand for HF's schedule
         kwargs.update(eval_strategy="steps", eval_steps=cfg.eval.every_steps)
     kwargs.update(
@@ -214,8 +215,8 @@ def training_arguments(cfg: TrainJobConfig, out: Path) -> TrainingArguments:
         run_name=run_name(cfg.logger, out),
         project=cfg.logger.project,
         remove_unused_columns=False,
-        dataloader_num_workers=num_workers(cfg.data),  # auto by default (data/sampler.py)
-        dataloader_persistent_workers=num_workers(cfg.data) > 0,
+        dataloader_num_workers=workers,  # auto by default (data/sampler.py)
+        dataloader_persistent_workers=workers > 0,
         seed=cfg.seed,
         tf32=resolve_tf32(t.tf32),
         bf16=cfg.model.dtype == "bf16",

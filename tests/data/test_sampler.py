@@ -134,3 +134,35 @@ def test_num_workers_auto_leaves_a_core_per_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert num_workers(DataConfig()) == 0  # a core per rank: fetch in-process
     assert num_workers(DataConfig(num_workers=3)) == 3
+
+
+def test_num_workers_auto_training_on_the_cpu_leaves_the_compute_threads_their_cores(monkeypatch):
+    import torch
+
+    from llava_train.config import DataConfig
+    from llava_train.data.sampler import num_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # torch's default: every core
+    assert num_workers(DataConfig(), cpu_compute=True) == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 12)
+    assert num_workers(DataConfig(), cpu_compute=True) == 4
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 14)
+    assert num_workers(DataConfig(), cpu_compute=True) == 2
+    assert num_workers(DataConfig(num_workers=3), cpu_compute=True) == 3
+
+
+def test_training_arguments_pick_the_cpu_count_on_this_machine(tmp_path):
+    """No GPU here: the run's workers are what the CPU rule gives (0 with torch's default threads)."""
+    import torch
+
+    from llava_train.config import DataConfig, TrainJobConfig
+    from llava_train.data.sampler import num_workers
+    from llava_train.train.recipe import training_arguments
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule applies where training computes on the CPU")
+    args = training_arguments(TrainJobConfig(), tmp_path)
+    assert args.dataloader_num_workers == num_workers(DataConfig(), cpu_compute=True)
+    assert args.dataloader_persistent_workers == (args.dataloader_num_workers > 0)

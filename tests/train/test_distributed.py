@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DEMO, REPO
+from llava_train.train.distributed import SHM
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,7 @@ def deepspeed_env() -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("dist")
+    shm_before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
     data = mixed_dataset(root)
     common = [*common_overrides(data), f"trainer.save_steps={STEPS}"]
     env = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
@@ -101,6 +103,7 @@ def runs(tmp_path_factory, tiny_dir):
     logs["qlora_zero3"] = launch(["bash", "launch/deepspeed.sh", f"output_dir={root}/qlora_zero3", "peft=qlora",
                                   "deepspeed=zero3", "deepspeed.param_persistence_threshold=0", *two],
                                  env=deepspeed_env())
+    logs["shm_left"] = sorted(str(p) for p in set(SHM.glob("deepspeed_allreduce_buffer_*")) - shm_before)
     return root, logs, data
 
 
@@ -152,6 +155,13 @@ def test_zero3_text_only_rank_finishes(runs):
     assert all("image" not in r for r in rank1) and all("image" in r for r in records[0::2][:STEPS])
     assert metrics(root, "zero3")["loss_history"][-1][0] == STEPS
     assert (root / "zero3" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_deepspeed_runs_leave_no_shared_memory_behind(runs):
+    """DeepSpeed's CPU all-reduce buffers (69 MB per rank in /dev/shm) are unlinked at exit
+    (train/distributed.py::release_deepspeed_shm); 4 DeepSpeed runs here left 8 before."""
+    _, logs, _ = runs
+    assert logs["shm_left"] == []
 
 
 def test_rank0_only_output(runs):
@@ -227,6 +237,8 @@ def killed_and_resumed(runs):
         killed = launch([env["DEEPSPEED"], "--num_gpus", "2", "--master_port", env["MASTER_PORT"], "--no_local_rank",
                          str(worker), "2", str(folder), *overrides], env=env, returncode=-signal.SIGKILL)
         assert not (folder / "final").exists() and not (folder / "checkpoint-4").exists()  # died mid-run
+        for buffer in SHM.glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"):
+            buffer.unlink()  # a SIGKILLed rank cannot release its DeepSpeed buffer (train/distributed.py)
         resumed = launch(["bash", "launch/deepspeed.sh", f"output_dir={folder}", "trainer.resume=auto", *overrides],
                          env=deepspeed_env())
         out[stage] = (folder, killed, resumed)
