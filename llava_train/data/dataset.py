@@ -140,9 +140,15 @@ def prepare(row: Any, *, index: int, source: str, fmt: str, image_root: Path,
         raise row
     conv = place_images(to_conversation(row, fmt=fmt, source=source, index=index), encoder.image_placement)
     validate_conversation(conv)
-    conv.images = [resolve_ref(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
-    sizes = [image_size(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
+    sizes = resolve_and_size(conv, image_root)
     return conv, sizes, encoder.encode(conv, sizes)
+
+
+def resolve_and_size(conv: Conversation, image_root: Path) -> list[tuple[int, int]]:
+    """Resolves `conv.images` against `image_root` (in place) and returns their (height, width) from the
+    headers: `prepare`'s image step, also the length plan's fallback (data/imagesizes.py)."""
+    conv.images = [resolve_ref(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
+    return [image_size(ref, image_root, conv, k) for k, ref in enumerate(conv.images)]
 
 
 def to_item(conv: Conversation, sizes: list[tuple[int, int]], enc: Encoded, image_processor,

@@ -19,7 +19,7 @@ regular expression and a JPEG's SOF marker / a PNG's IHDR chunk is parsed from t
 page cache; `benchmarks/scale.py`: ~25 s for 3.3M records on 2 cores). Anything else (other formats,
 several images, `..` out of the root, a file whose content is not the format its extension names, a
 header this reader does not understand) takes the fetch path's own functions, so sizes equal what
-`images.image_size` says (`tests/data/test_imagesizes.py` compares them with PIL's). Sizes are only the
+`dataset.resolve_and_size` says (`tests/data/test_imagesizes.py` compares them with PIL's). Sizes are only the
 estimates' inputs: an image that cannot be read here is counted at the assumed size, named in one
 warning, and fails (or is skipped) when its sample is fetched, as before.
 
@@ -40,8 +40,9 @@ from typing import Optional
 
 import numpy as np
 
+from llava_train.data.dataset import resolve_and_size
 from llava_train.data.formats import DataError, parse_line, to_conversation
-from llava_train.data.images import ImageGeometry, image_size, num_image_tokens, resolve_ref
+from llava_train.data.images import ImageGeometry, num_image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,7 @@ def _full_hw(raw: bytes, path: Path, index: int, fmt: str, root: Path) -> list[t
     row = parse_line(raw, path, index)
     if isinstance(row, DataError):
         raise row
-    conv = to_conversation(row, fmt=fmt, source=str(path), index=index)
-    return [image_size(resolve_ref(ref, root, conv, k), root, conv, k) for k, ref in enumerate(conv.images)]
+    return resolve_and_size(to_conversation(row, fmt=fmt, source=str(path), index=index), root)
 
 
 def _size_records(path: str, offsets: np.ndarray, sizes: np.ndarray, ids: np.ndarray, fmt: str,
@@ -278,8 +278,7 @@ def arrow_sizes(ds, *, fmt: str, image_root: Path, source: str, batch: int = 65_
             for r in np.flatnonzero(unsized):  # the fetch path, on the whole row
                 try:
                     conv = to_conversation(ds[int(rows[r])], fmt=fmt, source=source, index=int(rows[r]))
-                    sizes = [image_size(resolve_ref(ref, image_root, conv, k), image_root, conv, k)
-                             for k, ref in enumerate(conv.images)]
+                    sizes = resolve_and_size(conv, image_root)
                 except DataError as err:
                     if len(failures) < 3:
                         failures.append(str(err))
