@@ -38,10 +38,12 @@ VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 2
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
                "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "B200": 2250.0}
 
-BASE = {"attn": "sdpa", "packing": False, "compile": False, "liger": False, "checkpointing": False, "every_n": 1}
-# name: what differs from BASE (LoRA bf16 sdpa, length-grouped batches, no checkpointing)
+BASE = {"attn": "sdpa", "packing": False, "compile": False, "liger": False, "checkpointing": False, "every_n": 1,
+        "padding_mask": False}
+# name: what differs from BASE (LoRA bf16 sdpa, length-grouped batches, mask-free attention, no checkpointing)
 CONFIGS = {
     "lora_bf16_sdpa": {},
+    "padding_mask": {"padding_mask": True},  # model.mask_free_attention=false: sdpa gets the padding mask
     "flash_attention_2": {"attn": "flash_attention_2"},
     "packing": {"packing": True},
     "compile": {"compile": True},
@@ -170,7 +172,7 @@ def run_one(name: str, args) -> dict:
     data = work / "mix.json"
     model_cfg = ModelConfig(path="random-7b", family="mistral", dtype="fp32" if args.cpu_smoke else "bf16",
                             attn_implementation=s["attn"],
-                            compile=s["compile"], liger=s["liger"])
+                            compile=s["compile"], liger=s["liger"], mask_free_attention=not s["padding_mask"])
     data_cfg = DataConfig(train_path=str(data), max_length=4096, packing=s["packing"], num_workers=args.workers,
                           pad_to_multiple_of=8)
     job = TrainJobConfig(model=model_cfg, data=data_cfg, peft=PeftConfig())

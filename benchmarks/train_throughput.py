@@ -32,7 +32,10 @@ and the real tokens' share of the batches' token slots.
   gradient checkpointing).
 - llava-train defaults, then one row per feature switched off or on: random batches instead of length
   grouping, grouping with every image counted at the assumed size (`data.image_sizes=assumed`) instead of
-  its header's, the model's full-vocabulary loss instead of the sparse head, packing, a token budget.
+  its header's, the model's full-vocabulary loss instead of the sparse head, attention with the padding
+  mask (`model.mask_free_attention=false`), pixel values by the image processor itself
+  (`data.fast_pixels=false`), one thread fetching each batch (`data.fetch_threads=1`), packing, a token
+  budget.
 - `_workers` rows: one DataLoader worker on each side (`data.num_workers=1`, `dataloader_num_workers=1`:
   llava-train's auto count for a GPU rank with 2 cores; training on the CPU its auto count is 0, since
   torch's compute threads already use every core).
@@ -47,6 +50,7 @@ import argparse
 import functools
 import json
 import os
+import platform
 import random
 import shutil
 import statistics
@@ -76,8 +80,8 @@ SCALED_KINDS = {
     "text": (0.06, (1, 2), (3, 8), (15, 45)),
 }
 CONFIGS = ("trl_assistant_only", "trl_defaults", "llava_default", "llava_random_batches", "llava_assumed_image_sizes",
-           "llava_full_head", "llava_packing", "llava_token_budget", "trl_assistant_only_workers",
-           "llava_default_workers")
+           "llava_full_head", "llava_padding_mask", "llava_processor_pixels", "llava_one_fetch_thread", "llava_packing",
+           "llava_token_budget", "trl_assistant_only_workers", "llava_default_workers")
 
 
 def head_share(text: dict) -> float:
@@ -271,6 +275,10 @@ def run_llava(name: str, args, data: Path, ckpt: Path) -> dict:
         job.data.packing, job.data.max_length = True, args.pack_length
     if name == "llava_token_budget":
         job.data.max_tokens_per_batch = args.token_budget
+    job.model.mask_free_attention = name != "llava_padding_mask"
+    job.data.fast_pixels = name != "llava_processor_pixels"
+    if name == "llava_one_fetch_thread":
+        job.data.fetch_threads = 1
     t = job.trainer
     t.num_train_epochs, t.per_device_train_batch_size, t.logging_steps = 1, args.batch_size, 10**6
     t.save_steps, t.disable_tqdm, t.report_to = 10**6, True, "none"
@@ -410,6 +418,16 @@ def add_paired(result: dict) -> None:
                     "per_round": [round(x, 2) for x in ratios], "median": round(statistics.median(ratios), 2)}
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=48, help="one epoch of this many samples per run")
@@ -445,7 +463,7 @@ def main() -> None:
         "per_device_batch_size": args.batch_size, "epochs": 1, "lr": args.lr, "max_length": args.max_length,
         "precision": "fp32", "fine_tuning": "LoRA r=16 alpha=32 on the LM linears, projector trained, tower frozen",
         "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
-        "cpu_cores": os.cpu_count(), "repeats": args.repeats, "trl_version": trl_version,
+        "cpu_cores": os.cpu_count(), "cpu_model": _cpu_model(), "repeats": args.repeats, "trl_version": trl_version,
         "token_budget_row": args.token_budget, "packing_row_length": args.pack_length,
         "dataloader_workers": "TRL's default (0) and llava-train's auto count (0 on the CPU here), except the "
                               "*_workers rows: 1 on both sides",

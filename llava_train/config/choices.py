@@ -36,3 +36,26 @@ Split = Choice("Split", {n: n for n in ("train", "eval")})
 Color = Choice("Color", {n: n for n in ("auto", "always", "never")})
 ExportDType = Choice("ExportDType", {n: n for n in ("auto", "fp32", "bf16", "fp16")})
 ExportPush = Choice("ExportPush", {n: n for n in ("merged", "adapter")})
+
+
+class SpecialTokensInText(str, Enum):
+    """How message text that spells a special token (`</s>`, `<|im_end|>`...) is tokenised."""
+
+    text = "text"  # as plain text (the tokenizer's split_special_tokens): data cannot inject control tokens
+    parse = "parse"  # as the control token it spells (the tokenizer's default; the old behaviour)
+
+
+class ImagePlacement(str, Enum):
+    """Where a turn's single `<image>` goes."""
+
+    front = "front"  # moved to the front of its turn, `<image>\n` + text (LLaVA's preprocess_multimodal)
+    as_written = "as_written"  # left where the data puts it
+
+
+class ImageSizes(str, Enum):
+    """Where the length plan gets each image's size (data/imagesizes.py)."""
+
+    # read once at start from each image's header, no pixel decoded (JSON/JSONL: the files, in parallel, cached
+    # as <name>.imagesizes.npz; HF/Arrow: the embedded images' first bytes, in place)
+    headers = "headers"
+    assumed = "assumed"  # every image counted at data.lazy_image_hw (no file is opened at start)

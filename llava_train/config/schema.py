@@ -9,7 +9,6 @@ Functions receive their slice (``DataConfig``, ``ModelConfig``...), never the wh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Optional
 
 from omegaconf import MISSING
@@ -20,11 +19,14 @@ from llava_train.config.choices import (
     DataOrder,
     DType,
     Family,
+    ImagePlacement,
+    ImageSizes,
     Method,
     OnError,
     Overflow,
     QuantStorage,
     QuantType,
+    SpecialTokensInText,
     Tracker,
     WandbMode,
 )
@@ -87,6 +89,9 @@ class ModelConfig:
     # this many at a time, each chunk's logits recomputed in backward, so at most one [chunk, vocab] block
     # of logits exists at once. 0: all trained positions in one matmul (the sparse head alone).
     loss_chunk_tokens: int = 0
+    # Right-padded batches train without their padding mask (causal attention hides the padding; same loss and
+    # gradients) so attention runs is_causal, skipping the masked half (model/speed.py). false: mask passed.
+    mask_free_attention: bool = True
 
 
 @dataclass
@@ -103,27 +108,6 @@ class DataSourceConfig:
     image_root: str = ""
     split: str = "train"  # split of a saved DatasetDict or a hub dataset
     name: Optional[str] = None  # hub dataset configuration name
-
-
-class SpecialTokensInText(str, Enum):
-    """How message text that spells a special token (`</s>`, `<|im_end|>`...) is tokenised."""
-
-    text = "text"  # as plain text (the tokenizer's split_special_tokens): data cannot inject control tokens
-    parse = "parse"  # as the control token it spells (the tokenizer's default; the old behaviour)
-
-
-class ImagePlacement(str, Enum):
-    """Where a turn's single `<image>` goes."""
-
-    front = "front"  # moved to the front of its turn, `<image>\n` + text (LLaVA's preprocess_multimodal)
-    as_written = "as_written"  # left where the data puts it
-
-
-class ImageSizes(str, Enum):
-    """Where the length plan gets each image's size (data/imagesizes.py)."""
-
-    headers = "headers"  # read once at start from each image's header (JSON: parallel, cached; Arrow: in place)
-    assumed = "assumed"  # every image counted at data.lazy_image_hw (no file is opened at start)
 
 
 @dataclass
@@ -175,17 +159,21 @@ class DataConfig:
     # Round the padded length up to a multiple of this (8 or 64 suits tensor cores). None: 8 on a CUDA
     # GPU, 1 on CPU.
     pad_to_multiple_of: Optional[int] = None
+    # Threads fetching a batch's samples together (decoding and resizing release the GIL). None: auto = torch's
+    # threads in the training process (num_workers=0: those cores wait for the batch), 1 in a DataLoader worker.
+    fetch_threads: Optional[int] = None
     # Batches each DataLoader worker prepares ahead (None: torch's default 2; only with num_workers > 0).
     prefetch_factor: Optional[int] = None
     # Batches per sorting window of the length grouping (larger: less padding, less random batches).
     group_window: int = 64
     # Training data is always lazy (data/index.py): no tokenisation or pixel decoding at start; lengths
     # estimated from text size and image sizes; bad samples counted (and replaced) when fetched.
-    # Image sizes of the length estimates: `headers` reads each image's header once at start (JSON/JSONL:
-    # the files, in parallel, cached as <name>.imagesizes.npz; HF/Arrow: the first bytes of embedded
-    # images, in place); one image is 1,900-2,928 tokens at 336 px by its shape, so grouped batches are
-    # 98 % real tokens instead of 90 %. `assumed` counts every image at lazy_image_hw and opens nothing.
+    # Image sizes of the length estimates (one image is 1,900-2,928 tokens at 336 px by its shape: grouped
+    # batches are 98 % real tokens with `headers`, 90 % with `assumed`; see ImageSizes).
     image_sizes: ImageSizes = ImageSizes.headers
+    # Pixel values by llava-train's own path (data/pixels.py): bit-identical to the PIL LLaVA-NeXT processor, used
+    # only where exact (e.g. not the torchvision backend), ~2x faster. false: always the processor itself.
+    fast_pixels: bool = True
     # Image (height, width) the length estimates assume where no header is read (COCO's typical 480x640).
     lazy_image_hw: list[int] = field(default_factory=lambda: [480, 640])
     # Save the lazy index (and header sizes) next to the data file (<name>.lazyindex.npz,

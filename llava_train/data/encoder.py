@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import bisect
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,6 +27,10 @@ from llava_train.data.images import ImageGeometry, num_image_tokens
 from llava_train.data.templates import PromptFamily, SpecialTokensInText, TemplateTokenizer
 
 OVERFLOW_POLICIES = ("drop_turns", "skip", "error")
+# One encoding at a time per process: a batch's samples are fetched by several threads (dataset.py), and a
+# Rust tokenizer used from two threads while one changes its settings fails with "Already borrowed"
+# (huggingface/tokenizers#537). Encoding is pure Python around the tokenizer, serial under the GIL anyway.
+_ENCODING = threading.Lock()
 
 
 def validate_conversation(conv: Conversation) -> None:
@@ -135,6 +140,10 @@ class Encoder:
         return whole[:k] + self.tok(text[a:p], add_special_tokens=False)["input_ids"]
 
     def encode(self, conv: Conversation, sizes: list[tuple[int, int]]) -> Encoded:
+        with _ENCODING:
+            return self._encode(conv, sizes)
+
+    def _encode(self, conv: Conversation, sizes: list[tuple[int, int]]) -> Encoded:
         pieces = self.family.pieces(conv.turns)
         body, reply_spans = self.template.encode(pieces)
         ids = self.bos_ids + body

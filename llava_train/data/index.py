@@ -27,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from llava_train.config import DataConfig
-from llava_train.config.schema import ImageSizes
+from llava_train.config.choices import ImageSizes
 from llava_train.constants import IMAGE_TOKEN
 from llava_train.data.dataset import ExampleDataset, FetchSkips, SkipReport, as_sources, prepare, to_item
 from llava_train.data.encoder import Encoder
@@ -44,10 +45,12 @@ from llava_train.data.images import ImageGeometry, num_image_tokens
 from llava_train.data.imagesizes import arrow_sizes, header_sizes
 from llava_train.data.imagesizes import image_tokens as image_tokens_of
 from llava_train.data.jsonscan import scan
+from llava_train.data.pixels import pixel_fn
 from llava_train.data.sources import Source, apply_weight, default_image_root, describe, load_hf
 from llava_train.files import open_lock
 
 log = logging.getLogger(__name__)
+_OPENING = threading.Lock()  # a process's fetch threads open its data file handle once
 
 CHARS_PER_TOKEN = 3.6
 """Characters per token of English chat text with Llama/Mistral tokenizers (measured by
@@ -157,9 +160,19 @@ class JsonRows:
 
     def __getitem__(self, i: int) -> Any:
         if self._file is None or self._pid != os.getpid():  # one handle per worker process
-            self._file, self._pid = open(self.path, "rb"), os.getpid()
-        self._file.seek(int(self.offsets[i]))
-        return parse_line(self._file.read(int(self.sizes[i])), self.path, i)
+            with _OPENING:
+                if self._file is None or self._pid != os.getpid():
+                    self._file, self._pid = open(self.path, "rb"), os.getpid()
+        fd = self._file.fileno()
+        # pread: no shared file position, so the threads fetching a batch (dataset.py) read concurrently
+        offset, size = int(self.offsets[i]), int(self.sizes[i])
+        data = os.pread(fd, size, offset)
+        while len(data) < size:  # (a short read only near EOF of a file that shrank: parse_line names it)
+            more = os.pread(fd, size - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        return parse_line(data, self.path, i)
 
     def __getstate__(self):  # spawned workers open their own handle
         return {**self.__dict__, "_file": None, "_pid": None}
@@ -278,6 +291,7 @@ class LazyConversationDataset(ExampleDataset):
         self.cfg = cfg
         self.encoder = encoder
         self.image_processor = image_processor
+        self.pixels = pixel_fn(image_processor, cfg.fast_pixels)
         self.image_roots = [default_image_root(src, cfg.image_root) for src in self.sources]
         self.image_root = self.image_roots[0]
         h, w = cfg.lazy_image_hw
@@ -304,4 +318,4 @@ class LazyConversationDataset(ExampleDataset):
         source = self.sources[s]
         conv, sizes, enc = prepare(self.rows[s][r], index=r, source=source.path, fmt=source.format,
                                    image_root=self.image_roots[s], encoder=self.encoder)
-        return to_item(conv, sizes, enc, self.image_processor, self.image_roots[s])
+        return to_item(conv, sizes, enc, self.pixels, self.image_roots[s])

@@ -35,6 +35,7 @@ from llava_train.data.dataset import FetchSkips, SkipReport, prepare, should_ski
 from llava_train.data.encoder import Encoder
 from llava_train.data.formats import DataError
 from llava_train.data.images import FORMAT_EXTENSIONS
+from llava_train.data.pixels import pixel_fn
 from llava_train.data.sources import HF_BUILDERS, Source, _undecoded, default_image_root, describe
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         from datasets.distributed import split_dataset_by_node
 
         self.source, self.cfg, self.encoder, self.image_processor = source, cfg, encoder, image_processor
+        self.pixels = pixel_fn(image_processor, cfg.fast_pixels)
         self.path = Path(source.path)
         self.image_root = default_image_root(source, cfg.image_root)
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
@@ -165,7 +167,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             items = []
             for conv, sizes, enc in batch:
                 try:
-                    items.append(to_item(conv, sizes, enc, self.image_processor, self.image_root))
+                    items.append(to_item(conv, sizes, enc, self.pixels, self.image_root))
                 except DataError as err:
                     self._skip(err)
             yield {"items": items, WORKER: wid}

@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from llava_train.config.schema import SpecialTokensInText
+from llava_train.config.choices import SpecialTokensInText
 from llava_train.constants import IMAGE_TOKEN
 from llava_train.data.formats import Turn
 

@@ -54,8 +54,7 @@ def _prompt_item(ds: ConversationDataset, i: int) -> dict[str, Any]:
     item: dict[str, Any] = {INPUT_IDS: torch.tensor(ids, dtype=torch.long)}
     if conv.images:
         images = [load_rgb(ref, ds.image_root, conv, k) for k, ref in enumerate(conv.images)]
-        out = ds.image_processor(images=images, do_pad=False)
-        item[PIXEL_VALUES] = [torch.as_tensor(p) for p in out["pixel_values"]]
+        item[PIXEL_VALUES] = [torch.as_tensor(p) for p in ds.pixels(images)]
         item[IMAGE_SIZES] = [list(s) for s in sizes]
     return item
 

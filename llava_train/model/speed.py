@@ -8,6 +8,7 @@
   model). Its fused linear cross entropy is used by train/loss.py on the trained positions.
 - `trainer.activation_offloading` without checkpointing: `OffloadActivations` below.
 - `trainer.tf32`: TF32 matmuls on Ampere+ (handed to `TrainingArguments(tf32=...)`).
+- `model.mask_free_attention`: `without_padding_mask` below.
 Selective checkpointing and offloading of checkpointed inputs are transformers' own
 (`activation_checkpointing_enable(every_n_layers, offload)`, model/adapt.py).
 """
@@ -20,10 +21,27 @@ from typing import Optional
 
 import torch
 
+from llava_train.constants import ATTENTION_MASK
+
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # text model_type -> Liger-Kernel's patch function for it
 LIGER_PATCHES = {"mistral": "apply_liger_kernel_to_mistral", "llama": "apply_liger_kernel_to_llama",
                  "qwen2": "apply_liger_kernel_to_qwen2"}
+
+
+def without_padding_mask(inputs: dict) -> dict:
+    """A right-padded training batch without its attention mask (`model.mask_free_attention`).
+
+    With right padding every pad position comes after all of its row's real tokens, so plain causal
+    attention already keeps each real token from seeing padding: the real positions' outputs, the loss
+    (pads are labelled -100) and every gradient are those of the masked forward (tests/model/
+    test_speed.py compares them). Without a mask transformers runs attention as `is_causal`: no
+    [batch, 1, L, L] mask is built, the CPU and flash kernels skip the masked upper triangle, and on a GPU
+    sdpa may take its flash kernel, which an explicit mask rules out. Position ids stay 0..L-1 per row,
+    the real tokens' own. Only the pad positions' (unused) outputs change. The collator pads training
+    batches on the right (data/collate.py) and packed rows carry no mask, so this applies to every
+    training and eval-loss batch; generation pads left and never comes here."""
+    return {k: v for k, v in inputs.items() if k != ATTENTION_MASK}
 
 
 def llava_model(model: torch.nn.Module):

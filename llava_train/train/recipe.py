@@ -252,6 +252,7 @@ def build_trainer(cfg: TrainJobConfig, model, train_ds, processor, out: Path, ar
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
         liger_loss=cfg.model.liger,
         offload_activations=cfg.trainer.activation_offloading and not cfg.trainer.gradient_checkpointing,
+        mask_free_attention=cfg.model.mask_free_attention,
         deepspeed_cfg=cfg.deepspeed,
     )
     return trainer

@@ -18,7 +18,7 @@ from llava_train.data.streaming import StreamingDataset, StreamingLoader
 from llava_train.files import publish, remove_staging
 from llava_train.model.adapter_files import save_unsaved_trainables
 from llava_train.model.param_groups import param_groups
-from llava_train.model.speed import OffloadActivations
+from llava_train.model.speed import OffloadActivations, without_padding_mask
 from llava_train.ranks import rank
 from llava_train.train.distributed import VisionKeepAlive, use_cpu_adam
 from llava_train.train.identity import STAGING, RunIdentity
@@ -43,7 +43,7 @@ class LlavaTrainer(Trainer):
     def __init__(self, *args, optim_cfg, train_batch_sampler=None, prefetch_factor=None,
                  identity: Optional[RunIdentity] = None, worker_ignored_signals=("SIGTERM", "SIGUSR1"),
                  loss_chunk_tokens: int = 0, liger_loss: bool = False, offload_activations: bool = False,
-                 deepspeed_cfg=None, **kwargs):
+                 mask_free_attention: bool = False, deepspeed_cfg=None, **kwargs):
         super().__init__(*args, compute_loss_func=trained_token_loss, **kwargs)
         self.identity = identity  # sealed into every checkpoint
         self.worker_ignored_signals = [getattr(signal, s) for s in worker_ignored_signals]
@@ -55,6 +55,7 @@ class LlavaTrainer(Trainer):
         self.loss_options = {"chunk_tokens": loss_chunk_tokens, "liger": liger_loss}
         # trainer.activation_offloading without checkpointing: saved activations wait in CPU memory
         self.offload_activations = offload_activations
+        self.mask_free_attention = mask_free_attention  # model.mask_free_attention (model/speed.py)
         self.deepspeed_cfg = deepspeed_cfg
         # several ranks: a text-only batch still runs the vision path (ZeRO-3 hang fix, see VisionKeepAlive)
         self.vision_keepalive = VisionKeepAlive(self.model) if self.args.world_size > 1 else None
@@ -99,6 +100,8 @@ class LlavaTrainer(Trainer):
         return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.mask_free_attention:
+            inputs = without_padding_mask(inputs)
         with contextlib.ExitStack() as stack:
             if self.vision_keepalive is not None:
                 stack.enter_context(self.vision_keepalive.batch(inputs))

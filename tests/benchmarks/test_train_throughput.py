@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 def test_llava_rows_train_and_count_tokens(tmp_path):
     out = tmp_path / "tp.json"
-    rows = "llava_default,llava_assumed_image_sizes,llava_full_head,llava_packing,llava_default_workers"
+    rows = ("llava_default,llava_assumed_image_sizes,llava_full_head,llava_padding_mask,llava_processor_pixels,"
+            "llava_one_fetch_thread,llava_packing,llava_default_workers")
     proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--samples", "8", "--repeats", "1",
                            "--only", rows, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

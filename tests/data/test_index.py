@@ -123,3 +123,48 @@ def test_malformed_jsonl_line_is_one_counted_record(tmp_path, processor, encoder
     items = [ds[i] for i in range(4)]
     assert torch.equal(items[1]["input_ids"], items[2]["input_ids"])  # the cut record replaced by the next
     assert ds.skipped.counts == {"malformed_json": 1}
+
+
+def test_a_batch_fetched_by_threads_equals_one_by_one(tmp_path, processor, encoder):
+    # several threads read rows (pread on one handle), decode and process images and encode at once: the
+    # items are those of a one-by-one fetch, in order, and a bad sample is counted once and replaced as there
+    import threading
+
+    rows = json.loads((DEMO / "train.json").read_text())[:24]
+    rows[5]["image"] = "does/not/exist.png"
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    items, names = {}, set()
+    for threads in (1, 3):
+        cfg = DataConfig(train_path=str(path), image_root=str(DEMO), on_error="skip", fetch_threads=threads,
+                         lazy_index_cache=False)
+        ds = LazyConversationDataset(str(path), cfg, encoder, processor.image_processor)
+        fetch = ds._fetch
+        ds._fetch = lambda i, fetch=fetch: (names.add(threading.current_thread().name), fetch(i))[1]
+        items[threads] = ds.__getitems__(list(range(24))) + ds.__getitems__([5, 5, 23])
+        assert ds.skipped.counts["missing_image"] == 1 and ds.skipped.ids["missing_image"] == [rows[5]["id"]]
+    assert any(n.startswith("llava-fetch") for n in names)  # the 3-thread pass did use the pool
+    assert len(items[1]) == len(items[3]) == 27
+    for a, b in zip(items[1], items[3]):
+        assert a.keys() == b.keys()
+        assert torch.equal(a[INPUT_IDS], b[INPUT_IDS]) and torch.equal(a[LABELS], b[LABELS])
+        assert all(torch.equal(x, y) for x, y in zip(a.get(PIXEL_VALUES, []), b.get(PIXEL_VALUES, [])))
+
+
+class _ThreadsSeen(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from llava_train.data.dataset import fetch_threads
+
+        return fetch_threads(DataConfig())
+
+
+def test_fetch_threads_auto_uses_the_idle_compute_cores_in_process_only():
+    from llava_train.data.dataset import fetch_threads
+
+    assert fetch_threads(DataConfig()) == torch.get_num_threads()  # in the training process
+    assert fetch_threads(DataConfig(fetch_threads=3)) == 3
+    in_worker = torch.utils.data.DataLoader(_ThreadsSeen(), batch_size=2, num_workers=1)
+    assert next(iter(in_worker)).tolist() == [1, 1]  # a DataLoader worker fetches one sample at a time

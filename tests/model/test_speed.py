@@ -1,6 +1,7 @@
 """Speed features train exactly like the plain model: the same losses over a few SGD steps and the same
 trained weights (regional compile, selective checkpointing, offloading of saved activations, chunked
-linear cross entropy); each refused up front where it cannot apply."""
+linear cross entropy, mask-free attention on right-padded batches); each refused up front where it
+cannot apply."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from conftest import DEMO
 from llava_train.config import DataConfig, ModelConfig, PeftConfig, TrainerConfig
 from llava_train.data.collate import Collator
 from llava_train.data.dataset import ConversationDataset
-from llava_train.model.speed import OffloadActivations, speed_problems
+from llava_train.model.speed import OffloadActivations, speed_problems, without_padding_mask
 from llava_train.train.loss import sparse_lm_loss
 from llava_train.train.recipe import build_model
 
@@ -95,6 +96,40 @@ def test_compiled_blocks_train_like_eager(backend, tiny_dir, batches):
     layers = model.get_base_model().model.language_model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     _assert_same(_train(model, steps), reference, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_mask_free_attention_trains_like_the_masked_model(attn, tiny_dir, batches, reference):
+    # rows of different lengths: every batch has right padding that only the mask hid
+    assert all((b["attention_mask"] == 0).any() for b in batches)
+    ref = reference if attn == "sdpa" else _train(_model(tiny_dir, attn_implementation=attn), batches)
+    free = [without_padding_mask(b) for b in batches]
+    assert all("attention_mask" not in b for b in free)
+    _assert_same(_train(_model(tiny_dir, attn_implementation=attn), free), ref)
+
+
+@pytest.mark.parametrize("mask_free", [True, False])
+def test_trainer_passes_the_padding_mask_as_configured(mask_free, tiny_dir, processor, batches, tmp_path):
+    from llava_train.config import TrainJobConfig
+    from llava_train.train.recipe import build_trainer
+
+    assert ModelConfig(path="tiny").mask_free_attention  # on by default
+    model = _model(tiny_dir)
+    job = TrainJobConfig(model=ModelConfig(path="tiny", mask_free_attention=mask_free),
+                         data=DataConfig(train_path=str(DEMO / "train.json")))
+    job.trainer.max_steps = 1
+    job.data.group_by_length = job.data.group_by_modality = False
+    trainer = build_trainer(job, model, [], processor, tmp_path)
+    seen = []
+    text_model = model.get_base_model().model.language_model
+    hook = text_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")),
+                                                with_kwargs=True)
+    try:
+        loss = trainer.compute_loss(model, dict(batches[0]))
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and (seen[0] is None) is mask_free
+    torch.testing.assert_close(loss, sparse_lm_loss(model, batches[0])[0])  # the same loss either way
 
 
 def test_speed_keys_are_refused_where_they_cannot_apply():
