@@ -210,7 +210,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     and 32-bit integer images at 255 (a 16-bit PNG becomes nearly two grey levels) and casts floats
     without scaling (a 0..1 float TIFF becomes black). Integer images: 16-bit range scaled down by 257
     (values <= 255 throughout are taken as 8-bit). Float images: 0..1 scaled by 255, 0..255 kept,
-    larger ranges treated as 16-bit; NaN is 0."""
+    larger ranges treated as 16-bit; NaN is 0. Transparency (an alpha band, a palette's transparent
+    colour) is composited onto white, as transformers' image processors do at inference
+    (`image_transforms.convert_to_rgb`): `convert("RGB")` would drop it and train on the colours hidden
+    under it (often black), which the model never sees when prompted."""
     if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
         a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
@@ -221,6 +224,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             a = a / 257.0
         grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
         return grey.convert("RGB")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

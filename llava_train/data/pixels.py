@@ -10,7 +10,7 @@ common shapes (benchmarks/results/pixels.json); what is left is mostly the two P
 - the same two PIL resizes (the grid's aspect-kept resize, then the squashed base image), with the
   processor's own resample filter and transformers' own grid choice (`select_best_resolution`,
   `get_patch_output_size`);
-- the centred zero padding and row-major patch split as numpy views, no copies;
+- the centred zero padding and the row-major patch split as numpy reshapes;
 - rescale and normalise as one lookup per channel: the input is 8-bit, so every output value is one of
   3 x 256 float32 numbers, computed once with transformers' exact arithmetic (float64 rescale, float32
   cast, then (x - mean) / std in float32), so the result is bit-identical (tests/data/test_pixels.py
@@ -47,11 +47,13 @@ class ProcessorPixels:
 
 
 class FastLlavaNextPixels:
-    """`LlavaNextImageProcessorPil(images=..., do_pad=False)["pixel_values"]` for RGB PIL images, exactly
-    (see the module docstring); build it with `pixel_fn`, which checks that it applies."""
+    """`LlavaNextImageProcessorPil(images=..., do_pad=False)["pixel_values"]`, exactly (see the module
+    docstring): RGB images by this path, others by the processor; build it with `pixel_fn`, which checks
+    that it applies."""
 
     def __init__(self, image_processor):
         ip = image_processor
+        self.processor = ProcessorPixels(ip)  # for images not plain RGB yet (load_rgb's always are)
         self.side = int(ip.crop_size["height"])
         self.pinpoints = [list(map(int, p)) for p in ip.image_grid_pinpoints]
         self.resample = ip.resample
@@ -66,8 +68,8 @@ class FastLlavaNextPixels:
     def one(self, img: Image.Image) -> np.ndarray:
         from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        if img.mode != "RGB" or img.info.get("transparency") is not None:
+            return self.processor([img])[0]  # the processor's own conversion (transparency onto white...)
         w, h = img.size
         p = self.side
         grid_h, grid_w = select_best_resolution((h, w), self.pinpoints)

@@ -83,6 +83,33 @@ def test_several_images_and_other_modes(hub_processor, processor):
             assert np.array_equal(a, b)
 
 
+def test_transparent_images_train_on_the_pixels_inference_sees(tmp_path, hub_processor):
+    # inference passes the file's image to the processor, which composites transparency onto white; training
+    # loads it through load_rgb first: the pixel values must be the same (not the colours under the alpha)
+    from llava_train.data.formats import Conversation
+    from llava_train.data.images import load_rgb
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (90, 120, 4), dtype=np.uint8)
+    rgba[:, :60, 3] = 0  # half fully transparent, over random colours
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    pal = Image.fromarray(rng.integers(0, 8, (64, 64), dtype=np.uint8), "P")
+    pal.putpalette([v for k in range(8) for v in (k * 30, 0, 255 - k * 30)])
+    pal.save(tmp_path / "pal.png", transparency=3)  # palette index 3 transparent
+    Image.fromarray(rgba[..., [0, 3]], "LA").save(tmp_path / "grey_alpha.png")
+    keyed = rgba[..., :3].copy()
+    keyed[:20] = (1, 2, 3)
+    Image.fromarray(keyed, "RGB").save(tmp_path / "keyed.png", transparency=(1, 2, 3))  # RGB + a colour key
+    conv = Conversation(id="t", turns=[], images=[], source="test", index=0)
+    fast = pixel_fn(hub_processor)
+    for name in ("alpha.png", "pal.png", "grey_alpha.png", "keyed.png"):
+        raw = Image.open(tmp_path / name)
+        inference = _reference(hub_processor, [raw])[0]
+        trained = fast([load_rgb(name, tmp_path, conv, 0)])[0]
+        assert np.array_equal(trained, inference), name
+        assert np.array_equal(fast([raw])[0], inference), name  # a non-RGB image goes to the processor itself
+
+
 def test_fast_path_only_where_exact(hub_processor):
     from transformers import LlavaNextImageProcessorPil
 
